@@ -1,0 +1,259 @@
+"""Typed configuration: four dataclasses, defaults in exactly one place, named presets.
+
+The defaults below ARE the paper's CIFAR10 setup (../shared/PAPER.md, "Official
+setup"); every other preset is a set of overrides on top of them. Overrides use
+dotted keys, ``diffusion.var_type=beta_tilde``; unknown keys, ill-typed values and
+invalid ablation combinations are errors that name the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple, get_type_hints
+
+from . import diffusion as D
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # mnist | cifar10 | folder (any folder of images, e.g. CelebA-HQ)
+    path: str = ""  # for dataset=folder: the folder (absolute, or relative to the data dir)
+    resolution: int = 32  # images are resized/center-cropped to this (folder datasets)
+    channels: int = 3
+    hflip: bool = True  # random horizontal flips (CIFAR10, CelebA-HQ; not MNIST)
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    ch: int = 128
+    ch_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Tuple[int, ...] = (16,)
+    dropout: float = 0.1
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000
+    schedule: str = "linear"  # linear | cosine
+    mean_type: str = "eps"  # eps | mu | x0
+    var_type: str = "beta"  # beta (fixedlarge) | beta_tilde (fixedsmall) | learned
+    loss_type: str = "simple"  # simple | mu_mse | vlb
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800_000
+    batch_size: int = 128  # global batch, split over DDP ranks
+    lr: float = 2e-4
+    warmup: int = 5000  # linear learning-rate warm-up steps
+    grad_clip: float = 1.0  # gradient-norm clipping
+    adam_eps: float = 1e-8
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 10_000
+    ckpt_every: int = 10_000
+    bf16: bool = False  # bf16 autocast
+    compile: bool = False  # torch.compile the network
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        d = self.diffusion
+        for name, cls in (("schedule", D.Schedule), ("mean_type", D.MeanType),
+                          ("var_type", D.VarType), ("loss_type", D.LossType)):
+            D._enum(cls, getattr(d, name))
+        D.check_combination(d.mean_type, d.var_type, d.loss_type)
+        D.make_betas(d.schedule, d.T)  # rejects a T the schedule cannot take
+        if self.data.dataset not in DATASETS:
+            raise ValueError(f"unknown data.dataset {self.data.dataset!r}; valid: {', '.join(DATASETS)}")
+        if self.data.dataset == "folder" and not self.data.path:
+            raise ValueError("data.dataset='folder' needs data.path (a folder of images)")
+        n_down = len(self.model.ch_mult) - 1
+        if self.data.resolution % (2 ** n_down):
+            raise ValueError(f"data.resolution={self.data.resolution} must be divisible by "
+                             f"2**{n_down} for model.ch_mult={self.model.ch_mult}")
+        for name in ("steps", "batch_size"):
+            if getattr(self.train, name) < 1:
+                raise ValueError(f"train.{name} must be positive")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ValueError("train.ema_decay must be in [0, 1)")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        cfg = cls()
+        for section, values in d.items():
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value)
+        return cfg.validate()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+DATASETS = ("mnist", "cifar10", "folder")
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_diffusion(cfg: Config) -> D.GaussianDiffusion:
+    d = cfg.diffusion
+    return D.GaussianDiffusion(D.make_betas(d.schedule, d.T), d.mean_type, d.var_type, d.loss_type)
+
+
+def build_model(cfg: Config):
+    from .unet import UNet
+
+    m, c = cfg.model, cfg.data.channels
+    out_ch = 2 * c if cfg.diffusion.var_type == D.VarType.LEARNED.value else c
+    return UNet(in_ch=c, out_ch=out_ch, ch=m.ch, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
+                attn_resolutions=m.attn_resolutions, dropout=m.dropout, resolution=cfg.data.resolution)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _coerce(value: Any, typ, key: str):
+    """Convert ``value`` (a string from the command line, or a JSON value) to ``typ``."""
+    def bad():
+        return ValueError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}")
+
+    origin = getattr(typ, "__origin__", None)
+    if origin in (tuple, Tuple):
+        if isinstance(value, str):
+            parts = [p for p in value.strip("()[] ").split(",") if p.strip()]
+        elif isinstance(value, (list, tuple)):
+            parts = list(value)
+        else:
+            raise bad()
+        return tuple(_coerce(p, int, key) for p in parts)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise bad()
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(str(value).replace("_", ""))
+        except ValueError:
+            raise bad() from None
+        if f != int(f):
+            raise bad()
+        return int(f)
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise KeyError(f"unknown config key {key!r}; keys look like section.name with section in "
+                       f"{', '.join(sections)}")
+    section = getattr(cfg, parts[0])
+    hints = get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise KeyError(f"unknown config key {key!r}; valid keys in {parts[0]}: "
+                       f"{', '.join(f.name for f in dataclasses.fields(section))}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """Apply ``["section.key=value", ...]`` (or a dict) and validate."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for key, value in items:
+        _set(cfg, key, value)
+    return cfg.validate()
+
+
+def _split(override: str):
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, value = override.split("=", 1)
+    return key.strip(), value.strip()
+
+
+# ----------------------------------------------------------------------------- presets
+
+# Each preset: (one-line description, overrides on the defaults above).
+PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "cifar10": ("The paper's CIFAR10 setup (35.7M params, 800k steps); needs GPUs.", {}),
+    "celebahq256": (
+        "The paper's 256x256 setup (about 114M params) on a folder of CelebA-HQ images; needs GPUs. "
+        "Steps from the paper's appendix (0.5M); sigma^2 = beta-tilde as the official 256x256 runs.",
+        {"data.dataset": "folder", "data.path": "celebahq256", "data.resolution": 256,
+         "model.ch_mult": (1, 1, 2, 2, 4, 4), "model.dropout": 0.0,
+         "diffusion.var_type": "beta_tilde",
+         "train.lr": 2e-5, "train.batch_size": 64, "train.steps": 500_000},
+    ),
+    "mnist": (
+        "The seed report's setting: MNIST (1 channel, 28x28, no flips), 10 epochs at batch 128.",
+        {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
+         "model.ch": 64, "model.ch_mult": (1, 2, 2), "model.attn_resolutions": (14,),
+         "train.steps": 4690, "train.warmup": 500, "train.ema_decay": 0.999,
+         "train.sample_every": 1000, "train.ckpt_every": 1000},
+    ),
+    "mnist-cpu": (
+        "Scaled down for a 2-core CPU: MNIST, 1.1M-param UNet, T=1000, about 30 min of training.",
+        {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
+         "model.ch": 32, "model.ch_mult": (1, 2, 2), "model.num_res_blocks": 1,
+         "model.attn_resolutions": (7,), "train.steps": 1500, "train.batch_size": 128,
+         "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
+         "train.sample_every": 500, "train.ckpt_every": 250},
+    ),
+    "cifar10-cpu": (
+        "Scaled down for a 2-core CPU: 32x32 RGB, 1.5M-param UNet, T=1000; reads a folder "
+        "(here ../shared/data/cifar10-partial/train, 4000 real CIFAR10 images).",
+        {"data.dataset": "folder", "data.path": "cifar10-partial/train",
+         "model.ch": 32, "model.num_res_blocks": 1, "train.steps": 1500, "train.batch_size": 64,
+         "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
+         "train.sample_every": 500, "train.ckpt_every": 250},
+    ),
+    "smoke": (
+        "Tiny and fast, for CI: MNIST, a 0.65M-param UNet, T=100, 20 steps.",
+        {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
+         "data.num_workers": 0, "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
+         "model.attn_resolutions": (), "diffusion.T": 100, "train.steps": 20,
+         "train.batch_size": 16, "train.warmup": 5, "train.ema_decay": 0.9, "train.log_every": 5,
+         "train.sample_every": 10, "train.ckpt_every": 10},
+    ),
+}
+
+
+def get_preset(name: str, overrides=()) -> Config:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    cfg = apply_overrides(Config(), PRESETS[name][1])
+    return apply_overrides(cfg, overrides)
