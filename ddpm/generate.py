@@ -1,0 +1,249 @@
+"""Generate exactly N samples, in shards on disk, resumable after an interruption.
+
+Layout of an output folder (``generate(..., out_dir=DIR)``)::
+
+    DIR/manifest.json        what is being generated and how (checked on resume)
+    DIR/shard_00000.npz      images [n, H, W, C] uint8, n = shard_size (last shard: the rest)
+    DIR/shard_00001.npz      ...
+
+Each shard is one sampling batch with its own generator seeded from (seed, shard
+index), so a shard's images do not depend on which shards were generated before it:
+a run that is killed and restarted gives the same N images, bit for bit (on the same
+device and torch build), as an uninterrupted run. Shards are written atomically
+(temporary file + rename), so a kill leaves whole shards only.
+
+Pixel handling (the paper's, PAPER.md "FID"): samples are clipped to [-1, 1] and
+mapped to [0, 255] by (x + 1) * 127.5; here they are then ROUNDED TO THE NEAREST
+INTEGER and stored as uint8, because torch-fidelity's Inception only accepts uint8
+(the official TF code fed the floats). ``PIXEL_MAP`` states this and is written
+into every manifest and metrics file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .diffusion import GaussianDiffusion, Model
+from .sampling import sample
+
+MANIFEST = "manifest.json"
+FORMAT = "ddpm-samples-v1"
+SAMPLER = "ancestral (DDPM Algorithm 2), predicted x0 clipped to [-1, 1], no noise at the last step"
+PIXEL_MAP = "clip to [-1, 1], x -> (x + 1) * 127.5, round to nearest integer, uint8"
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] floats in [-1, 1] -> [B, H, W, C] uint8, as PIXEL_MAP says."""
+    assert x.ndim == 4, x.shape
+    x = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """[B, H, W, C] uint8 -> [B, C, H, W] float32 in [-1, 1] (x / 127.5 - 1, the data scaling)."""
+    assert images.ndim == 4 and images.dtype == np.uint8, (images.shape, images.dtype)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for shard ``index`` of a run seeded with ``seed``; independent streams
+    per shard (numpy's SeedSequence hashing, so nearby seeds do not give related streams)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def shard_path(out_dir, index: int) -> Path:
+    return Path(out_dir) / f"shard_{index:05d}.npz"
+
+
+def _read_shard(path: Path, expected_n: int, image_shape) -> np.ndarray:
+    with np.load(path) as f:
+        images = f["images"]
+    want = (expected_n, *image_shape)
+    if images.shape != want or images.dtype != np.uint8:
+        raise RuntimeError(f"{path} holds {images.shape} {images.dtype}, expected {want} uint8; "
+                           "delete this shard file and rerun to regenerate it")
+    return images
+
+
+@torch.no_grad()
+def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int],
+                 seed: int, index: int, device="cpu", var_type=None, clip_x0: bool = True,
+                 progress: bool = False) -> np.ndarray:
+    """Shard ``index``: ``n`` samples [n, H, W, C] uint8 from a generator seeded by (seed, index)."""
+    C, H, W = image_shape
+    g = torch.Generator(device=device)
+    g.manual_seed(shard_seed(seed, index))
+    x, _ = sample(diffusion, model, (n, C, H, W), generator=g, device=device, clip_x0=clip_x0,
+                  var_type=var_type, progress=progress)
+    out = to_uint8(x)
+    assert out.shape == (n, H, W, C), out.shape
+    return out
+
+
+def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,
+             out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
+             clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
+             return_images: bool = True) -> Optional[np.ndarray]:
+    """Exactly ``n`` samples, [n, H, W, C] uint8 (``image_shape`` is (C, H, W) of the model).
+
+    With ``out_dir``, shards of ``batch_size`` images are written there and shards
+    already present are reused (resume); the manifest must then match this call (n,
+    batch size, seed, variance, shape, ``meta`` such as the checkpoint), else a clear
+    error, so that two different runs never mix in one folder. ``var_type``: None uses
+    the model's own variance. ``meta``: JSON-able facts to record (checkpoint, EMA, ...).
+    Returns the images (or None with ``return_images=False``, to save memory).
+    """
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    C, H, W = (int(s) for s in image_shape)
+    var_name = diffusion.var_type.value if var_type is None else getattr(var_type, "value", str(var_type))
+    n_shards = math.ceil(n / batch_size)
+    sizes = [min(batch_size, n - i * batch_size) for i in range(n_shards)]
+    assert sum(sizes) == n
+    manifest = {
+        "format": FORMAT, "n": int(n), "shard_size": int(batch_size), "n_shards": n_shards,
+        "seed": int(seed), "image_shape_hwc": [H, W, C], "var_type": var_name,
+        "clip_x0": bool(clip_x0), "steps": int(diffusion.T), "sampler": SAMPLER,
+        "pixel_map": PIXEL_MAP, "meta": meta or {},
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mpath = out_dir / MANIFEST
+        if mpath.exists():
+            old = json.loads(mpath.read_text())
+            if old != json.loads(json.dumps(manifest)):
+                diff = {k: (old.get(k), manifest.get(k)) for k in set(old) | set(manifest)
+                        if old.get(k) != json.loads(json.dumps(manifest)).get(k)}
+                raise RuntimeError(f"{out_dir} holds samples of a different run ({MANIFEST} differs: "
+                                   f"{diff} as (on disk, requested)); use another --out folder or "
+                                   "delete this one")
+        else:
+            _atomic_write_bytes(mpath, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    shards = []
+    it = range(n_shards)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc="generating", unit="img")
+    try:
+        for i in it:
+            path = shard_path(out_dir, i) if out_dir is not None else None
+            if path is not None and path.exists():
+                images = _read_shard(path, sizes[i], (H, W, C)) if return_images else None
+            else:
+                images = sample_shard(model, diffusion, sizes[i], (C, H, W), seed, i, device=device,
+                                      var_type=var_type, clip_x0=clip_x0, progress=progress)
+                if path is not None:
+                    _atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
+            if return_images:
+                shards.append(images)
+            if bar is not None:
+                bar.update(sizes[i])
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training and hasattr(model, "train"):
+            model.train()
+    if not return_images:
+        return None
+    out = np.concatenate(shards, axis=0)
+    assert out.shape == (n, H, W, C), out.shape
+    return out
+
+
+def read_manifest(out_dir) -> Dict[str, Any]:
+    mpath = Path(out_dir) / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a folder written by ddpm.generate")
+    return json.loads(mpath.read_text())
+
+
+def load_samples(out_dir) -> np.ndarray:
+    """All N images of a complete sample folder, [N, H, W, C] uint8; error if shards are missing."""
+    m = read_manifest(out_dir)
+    n, bs = m["n"], m["shard_size"]
+    missing = [i for i in range(m["n_shards"]) if not shard_path(out_dir, i).exists()]
+    if missing:
+        raise RuntimeError(f"{out_dir} is incomplete: {len(missing)} of {m['n_shards']} shards missing "
+                           f"(first: {shard_path(out_dir, missing[0]).name}); rerun the same command "
+                           "to resume")
+    parts = [_read_shard(shard_path(out_dir, i), min(bs, n - i * bs), tuple(m["image_shape_hwc"]))
+             for i in range(m["n_shards"])]
+    out = np.concatenate(parts, axis=0)
+    assert out.shape[0] == n
+    return out
+
+
+# ------------------------------------------------------------------------ PNG output
+
+
+def make_grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile [N, H, W, C] uint8 images into one [rows*(H+pad)+pad, ...] uint8 image, row-major,
+    ``nrow`` images per row (default: a near-square grid)."""
+    assert images.ndim == 4 and images.dtype == np.uint8, (images.shape, images.dtype)
+    N, H, W, C = images.shape
+    ncol = nrow or int(math.ceil(math.sqrt(N)))
+    nrows = int(math.ceil(N / ncol))
+    grid = np.full((nrows * (H + pad) + pad, ncol * (W + pad) + pad, C), pad_value, dtype=np.uint8)
+    for k in range(N):
+        r, c = divmod(k, ncol)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[y:y + H, x:x + W] = images[k]
+    return grid
+
+
+def save_png(image: np.ndarray, path) -> None:
+    """One [H, W, C] uint8 image (C = 1 or 3) to a PNG file."""
+    from PIL import Image
+
+    assert image.ndim == 3 and image.dtype == np.uint8 and image.shape[2] in (1, 3), (image.shape, image.dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path)
+
+
+def save_grid(images: np.ndarray, path, nrow: Optional[int] = None, pad: int = 2) -> None:
+    save_png(make_grid(images, nrow=nrow, pad=pad), path)
+
+
+def write_pngs(images: np.ndarray, folder, grid_path=None, grid_max: int = 64) -> Path:
+    """Write each image to ``folder/000000.png`` ... and, with ``grid_path``, the first
+    ``grid_max`` of them as one grid. The grid goes to its own path, never into
+    ``folder``, so that the folder can be used as an FID input as is. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(images):
+        save_png(img, folder / f"{k:06d}.png")
+    if grid_path is not None:
+        save_grid(images[:grid_max], grid_path)
+    return folder
