@@ -1,0 +1,61 @@
+"""Configuration: the paper's values, overrides, and errors for bad input."""
+
+import pytest
+
+from ddpm.config import PRESETS, Config, apply_overrides, get_preset
+
+
+def test_cifar10_preset_is_the_papers_setup():
+    c = get_preset("cifar10")
+    assert (c.diffusion.T, c.diffusion.schedule, c.diffusion.mean_type, c.diffusion.var_type,
+            c.diffusion.loss_type) == (1000, "linear", "eps", "beta", "simple")
+    assert (c.model.ch, c.model.ch_mult, c.model.num_res_blocks, c.model.attn_resolutions,
+            c.model.dropout) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
+    t = c.train
+    assert (t.lr, t.warmup, t.grad_clip, t.adam_eps, t.ema_decay, t.batch_size, t.steps) == \
+        (2e-4, 5000, 1.0, 1e-8, 0.9999, 128, 800_000)
+    assert c.data.hflip and c.data.resolution == 32
+
+
+def test_256_preset():
+    c = get_preset("celebahq256")
+    assert c.model.ch_mult == (1, 1, 2, 2, 4, 4) and c.model.dropout == 0.0
+    assert (c.train.lr, c.train.batch_size, c.data.resolution) == (2e-5, 64, 256)
+
+
+def test_overrides_are_typed():
+    c = get_preset("cifar10", ["diffusion.var_type=beta_tilde", "train.lr=1e-3", "model.ch_mult=1,2",
+                               "data.hflip=false", "train.steps=1_000"])
+    assert c.diffusion.var_type == "beta_tilde" and c.train.lr == 1e-3
+    assert c.model.ch_mult == (1, 2) and c.data.hflip is False and c.train.steps == 1000
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.lrate=1", "valid keys in train: steps, batch_size, lr"),
+    ("optim.lr=1", "section.name with section in data, model, diffusion, train"),
+    ("train.steps=abc", "cannot read 'abc' as int"),
+    ("train.steps=1.5", "cannot read '1.5' as int"),
+    ("data.hflip=maybe", "as bool"),
+    ("diffusion.mean_type=epsilon", "valid: eps, mu, x0"),
+    ("diffusion.var_type=learned", "vlb"),
+    ("train.lr", "section.key=value"),
+])
+def test_bad_overrides_are_errors(override, match):
+    with pytest.raises((KeyError, ValueError), match=match):
+        get_preset("cifar10", [override])
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(KeyError, match="cifar10"):
+        get_preset("cifar100")
+
+
+def test_round_trip_through_dict_and_every_preset_validates():
+    for name in PRESETS:
+        c = get_preset(name)
+        assert Config.from_dict(c.to_dict()) == c
+
+
+def test_mnist_resolution_must_fit_the_downsampling():
+    with pytest.raises(ValueError, match="divisible"):
+        apply_overrides(get_preset("mnist"), ["model.ch_mult=1,2,2,2"])

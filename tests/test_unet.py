@@ -1,0 +1,58 @@
+"""The paper's UNet: exact size, shapes, and that it really uses its inputs."""
+
+import pytest
+import torch
+
+from ddpm import build_model, get_preset
+from ddpm.unet import UNet, num_params, timestep_embedding
+
+
+def test_cifar10_unet_has_the_official_parameter_count():
+    assert num_params(build_model(get_preset("cifar10"))) == 35_746_307
+
+
+def test_256_unet_is_about_114M():
+    n = num_params(build_model(get_preset("celebahq256")))
+    assert 110e6 < n < 118e6
+
+
+def test_learned_variance_doubles_output_channels():
+    cfg = get_preset("smoke", ["diffusion.var_type=learned", "diffusion.loss_type=vlb"])
+    model = build_model(cfg)
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([0, 5])).shape == (2, 2, 28, 28)
+
+
+def test_timestep_embedding_matches_formula():
+    t = torch.tensor([0, 1, 999])
+    emb = timestep_embedding(t, 8)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 3)
+    assert torch.allclose(emb[:, :4], torch.sin(t[:, None] * freqs))
+    assert torch.allclose(emb[:, 4:], torch.cos(t[:, None] * freqs))
+
+
+def test_output_depends_on_input_and_time_and_is_zero_at_init():
+    torch.manual_seed(0)
+    model = UNet(in_ch=1, out_ch=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                 dropout=0.0, resolution=16).eval()
+    x = torch.randn(2, 1, 16, 16)
+    # the last convolution is zero-initialized, as in the official code
+    assert model(x, torch.tensor([3, 3])).abs().max() == 0
+    with torch.no_grad():
+        for p in model.conv_out.parameters():
+            p.normal_(0, 0.1)
+        for m in model.modules():  # also open the zero-initialized residual branches
+            if hasattr(m, "proj_out") or hasattr(m, "conv2"):
+                for p in (m.proj_out if hasattr(m, "proj_out") else m.conv2).parameters():
+                    p.normal_(0, 0.05)
+    y1 = model(x, torch.tensor([3, 3]))
+    assert not torch.allclose(y1, model(x, torch.tensor([90, 90])))  # time matters
+    assert not torch.allclose(y1[0], y1[1])  # the input matters
+    # each image is processed independently (GroupNorm is per example)
+    assert torch.allclose(model(x[:1], torch.tensor([3])), y1[:1], atol=1e-5)
+
+
+def test_rejects_wrong_resolution():
+    model = build_model(get_preset("smoke"))
+    with pytest.raises(AssertionError):
+        model(torch.randn(1, 1, 32, 32), torch.tensor([0]))
