@@ -70,7 +70,18 @@ def load_model(path, ema: bool = True, map_location="cpu") -> Tuple[Config, torc
 
     ``ema=True`` (the default, as the paper evaluates) loads the EMA weights, and fails
     if the checkpoint has none rather than silently using the raw ones.
+
+    ``path`` may also be a folder in the diffusers format (config.json and
+    diffusion_pytorch_model.safetensors/.bin), such as the paper's released weights
+    google/ddpm-cifar10-32: see ddpm.official.load_diffusers_folder.
     """
+    if Path(path).is_dir():
+        from .official import is_diffusers_folder, load_diffusers_folder
+
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path} is a folder but neither a checkpoint file nor a diffusers "
+                                  "folder (config.json + diffusion_pytorch_model.safetensors/.bin)")
+        return load_diffusers_folder(path, ema=ema, map_location=map_location)
     state = read_checkpoint(path, map_location)
     cfg = Config.from_dict(state["config"])
     model = build_model(cfg)

@@ -1,0 +1,413 @@
+"""The paper's released weights, in the format of the diffusers library, loaded into our UNet.
+
+The authors' TensorFlow checkpoints were converted to the diffusers format and
+published as google/ddpm-cifar10-32, google/ddpm-celebahq-256, google/ddpm-church-256
+(and google/ddpm-ema-*-256 variants). Each is a folder holding
+  config.json                                  a UNet2DModel configuration
+  diffusion_pytorch_model.safetensors or .bin  its state dict
+  scheduler_config.json (optional)             the noise schedule and reverse variance
+either at the top level or in a unet/ (and scheduler/) subfolder, as
+``DDPMPipeline.save_pretrained`` writes it.
+
+Their network is the same network as ours (Appendix B; diffusion_tf/models/unet.py):
+only the parameter names differ, and attention projections are stored as Linear
+[C, C] where ours are 1x1 convolutions [C, C, 1, 1]. ``parameter_map`` is the
+explicit table from our names to theirs; ``convert_state_dict`` applies it and
+fails, naming the keys, if anything is left over or missing.
+
+EMA: a diffusers folder holds one set of weights. The DDPM releases are the EMA
+weights (the paper evaluates the EMA model; FID about 3.2 from google/ddpm-cifar10-32
+is reported only with EMA weights, non-EMA weights give about 12 to 14). For the
+256x256 models Google publishes both google/ddpm-<name>-256 and
+google/ddpm-ema-<name>-256: use the -ema- ones to evaluate. ``load_diffusers_folder``
+therefore loads the folder's weights as the EMA weights and refuses ``ema=False``.
+
+Nothing here downloads anything. To evaluate the released CIFAR10 model, fetch the
+folder once where there is internet, e.g.
+    huggingface-cli download google/ddpm-cifar10-32 --local-dir ddpm-cifar10-32
+then ``python -m ddpm eval --checkpoint ddpm-cifar10-32``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import Config, build_diffusion, build_model, get_preset
+
+CONFIG_FILE = "config.json"
+SCHEDULER_FILE = "scheduler_config.json"
+# In order of preference: safetensors cannot run code when read, a pickled .bin can.
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# The base config for each released resolution (see the module docstring of config.py):
+# 32x32 is the paper's CIFAR10 setup (sigma^2 = beta, "fixedlarge"); 256x256 is the
+# paper's 256x256 setup (sigma^2 = beta-tilde, "fixedsmall", as the official 256 runs).
+PRESET_FOR_RESOLUTION = {32: "cifar10", 256: "celebahq256"}
+
+# UNet2DModel config values our UNet implements, as (key, required value, the value
+# diffusers assumes when the key is absent from config.json; old files omit many).
+REQUIRED_CONFIG = (
+    ("act_fn", "silu", "silu"),
+    ("norm_num_groups", 32, 32),  # GroupNorm(32)
+    ("norm_eps", 1e-6, 1e-5),  # the official GroupNorm epsilon
+    ("time_embedding_type", "positional", "positional"),
+    ("flip_sin_to_cos", False, True),  # [sin | cos], as the official code
+    ("freq_shift", 1, 0),  # frequencies exp(-log(10000) i / (half - 1))
+    ("center_input_sample", False, False),
+    ("downsample_padding", 0, 1),  # TF 'SAME' stride-2 conv: pad bottom/right only
+    ("downsample_type", "conv", "conv"),
+    ("upsample_type", "conv", "conv"),
+    ("mid_block_type", "UNetMidBlock2D", "UNetMidBlock2D"),
+    ("mid_block_scale_factor", 1, 1),
+    ("resnet_time_scale_shift", "default", "default"),
+    ("attention_head_dim", None, 8),  # None: one head over all channels
+    ("attn_norm_num_groups", None, None),
+    ("add_attention", True, True),
+    ("class_embed_type", None, None),
+    ("num_class_embeds", None, None),
+    ("time_embedding_dim", None, None),  # None: 4 * ch
+)
+
+# Parameter names inside one residual block: ours -> diffusers' ResnetBlock2D.
+RESBLOCK_NAMES = (
+    ("norm1", "norm1"),
+    ("conv1", "conv1"),
+    ("temb_proj", "time_emb_proj"),
+    ("norm2", "norm2"),
+    ("conv2", "conv2"),
+    ("skip", "conv_shortcut"),  # the 1x1 "nin" projection, only where channels change
+)
+# ... inside one self-attention block: ours (1x1 convs) -> diffusers' Attention (Linear).
+ATTN_NAMES = (
+    ("norm", "group_norm"),
+    ("q", "to_q"),
+    ("k", "to_k"),
+    ("v", "to_v"),
+    ("proj_out", "to_out.0"),
+)
+# Files written by diffusers before 0.14 (the google/ddpm-* uploads among them) name
+# the attention projections differently; diffusers itself renames them on load.
+LEGACY_ATTN_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+class OfficialWeightsError(CheckpointError):
+    """A diffusers folder that is missing files or describes a network we do not implement.
+
+    A CheckpointError, so the command line reports it as a clean one-line error."""
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def is_diffusers_folder(path) -> bool:
+    """True for a folder holding config.json (at the top or in unet/)."""
+    path = Path(path)
+    return path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / "unet" / CONFIG_FILE).is_file())
+
+
+def _unet_dir(folder: Path) -> Path:
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    if (folder / "unet" / CONFIG_FILE).is_file():
+        return folder / "unet"
+    raise OfficialWeightsError(f"{folder} holds no {CONFIG_FILE} (nor unet/{CONFIG_FILE}); a diffusers "
+                               f"UNet2DModel folder has {CONFIG_FILE} and {' or '.join(WEIGHT_FILES)}")
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OfficialWeightsError(f"cannot read {path} as JSON ({e})") from e
+
+
+def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict[str, Any]] = None,
+                          source: str = "config.json") -> Config:
+    """Our Config for a diffusers UNet2DModel config (and optional DDPMScheduler config).
+
+    The network fields come from ``unet_cfg``; training and data fields from the preset
+    of its resolution (PRESET_FOR_RESOLUTION). Anything our UNet does not implement
+    (another time embedding, multi-head attention, ...) is an error naming the key.
+    """
+    def bad(msg):
+        return OfficialWeightsError(f"{source}: {msg}")
+
+    if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise bad(f"_class_name is {unet_cfg['_class_name']!r}; only UNet2DModel folders can be loaded")
+    for key, required, default in REQUIRED_CONFIG:
+        value = unet_cfg.get(key, default)
+        if value != required:
+            raise bad(f"{key}={value!r} is not the DDPM network (needs {required!r}); this model cannot be "
+                      "loaded into ddpm.unet.UNet")
+
+    resolution = unet_cfg.get("sample_size")
+    if isinstance(resolution, (list, tuple)):
+        if len(set(resolution)) != 1:
+            raise bad(f"sample_size={resolution}: only square images are supported")
+        resolution = resolution[0]
+    if resolution not in PRESET_FOR_RESOLUTION:
+        raise bad(f"sample_size={resolution!r}; released DDPM resolutions are "
+                  f"{', '.join(map(str, PRESET_FOR_RESOLUTION))}")
+    in_ch, out_ch = unet_cfg.get("in_channels", 3), unet_cfg.get("out_channels", 3)
+    if out_ch != in_ch:
+        raise bad(f"out_channels={out_ch} != in_channels={in_ch}: only epsilon-predicting models with "
+                  "fixed variance (out = in channels) are supported")
+
+    widths = list(unet_cfg["block_out_channels"])
+    ch = widths[0]
+    if any(w % ch for w in widths):
+        raise bad(f"block_out_channels={widths} are not multiples of the first ({ch})")
+    ch_mult = tuple(w // ch for w in widths)
+    down, up = list(unet_cfg["down_block_types"]), list(unet_cfg["up_block_types"])
+    if not len(down) == len(up) == len(widths):
+        raise bad("down_block_types, up_block_types and block_out_channels differ in length")
+    # Attention levels: diffusers names them by block type, we by resolution. The up
+    # path visits the levels in reverse, and must put attention at the same ones.
+    attn_resolutions = []
+    for level, (d, u) in enumerate(zip(down, reversed(up))):
+        if d not in ("DownBlock2D", "AttnDownBlock2D") or u not in ("UpBlock2D", "AttnUpBlock2D"):
+            raise bad(f"block types {d}/{u} are not the DDPM network's")
+        if (d == "AttnDownBlock2D") != (u == "AttnUpBlock2D"):
+            raise bad(f"attention at level {level} on the down path but not on the up path (or vice versa)")
+        if d == "AttnDownBlock2D":
+            attn_resolutions.append(resolution // 2 ** level)
+
+    cfg = get_preset(PRESET_FOR_RESOLUTION[resolution])
+    m = cfg.model
+    m.ch, m.ch_mult, m.num_res_blocks = ch, ch_mult, int(unet_cfg.get("layers_per_block", 2))
+    m.attn_resolutions = tuple(attn_resolutions)
+    cfg.data.resolution, cfg.data.channels = resolution, in_ch
+    if scheduler_cfg is not None:
+        _apply_scheduler(cfg, scheduler_cfg, source.replace(CONFIG_FILE, SCHEDULER_FILE))
+    return cfg.validate()
+
+
+# The publisher's scheduler_config.json says which reverse variance the model was
+# released with (google/ddpm-cifar10-32: fixed_large; the 256 models: fixed_small).
+VARIANCE_TYPES = {"fixed_large": "beta", "fixed_small": "beta_tilde"}
+
+
+def _apply_scheduler(cfg: Config, s: Dict[str, Any], source: str) -> None:
+    # Defaults are DDPMScheduler's for keys an old file omits; "timesteps" is the
+    # pre-0.1 name of num_train_timesteps.
+    T = s.get("num_train_timesteps", s.get("timesteps", 1000))
+    schedule = (s.get("beta_schedule", "linear"), s.get("beta_start", 1e-4), s.get("beta_end", 0.02))
+    if schedule != ("linear", 1e-4, 0.02) or T != cfg.diffusion.T or s.get("trained_betas") is not None:
+        raise OfficialWeightsError(f"{source}: schedule {schedule} with T={T} is not the paper's "
+                                   f"(linear 1e-4..0.02, T={cfg.diffusion.T})")
+    if s.get("prediction_type", "epsilon") != "epsilon":
+        raise OfficialWeightsError(f"{source}: prediction_type={s['prediction_type']!r}; only epsilon "
+                                   "prediction is supported")
+    var = s.get("variance_type", "fixed_small")
+    if var not in VARIANCE_TYPES:
+        raise OfficialWeightsError(f"{source}: variance_type={var!r}; supported: {', '.join(VARIANCE_TYPES)}")
+    cfg.diffusion.var_type = VARIANCE_TYPES[var]
+
+
+# ---------------------------------------------------------------------- the name map
+
+
+def parameter_map(cfg: Config) -> List[Tuple[str, str]]:
+    """[(our module name, diffusers module name)] for every module with parameters.
+
+    It walks the levels in the order our UNet's constructor builds them:
+      ours  down.{k}        : per level, num_res_blocks entries [ResBlock, (AttnBlock)], then [Downsample]
+      ours  up.{k}          : per level in reverse, num_res_blocks + 1 entries, then [Upsample]
+      theirs down_blocks.{level}.resnets.{i} / .attentions.{i} / .downsamplers.0
+      theirs up_blocks.{reversed level}.resnets.{i} / .attentions.{i} / .upsamplers.0
+    Each module pair stands for its .weight and .bias.
+    """
+    m = cfg.model
+    n_levels = len(m.ch_mult)
+    pairs = [("temb.0", "time_embedding.linear_1"), ("temb.2", "time_embedding.linear_2"),
+             ("conv_in", "conv_in")]
+
+    def block(ours: str, theirs: str, has_skip: bool, attn: Optional[Tuple[str, str]]):
+        pairs.extend((f"{ours}.{a}", f"{theirs}.{b}") for a, b in RESBLOCK_NAMES if has_skip or a != "skip")
+        if attn:
+            pairs.extend((f"{attn[0]}.{a}", f"{attn[1]}.{b}") for a, b in ATTN_NAMES)
+
+    k, res, cur = 0, cfg.data.resolution, m.ch
+    skip_chs = [m.ch]
+    for level, mult in enumerate(m.ch_mult):
+        has_attn = res in m.attn_resolutions
+        for i in range(m.num_res_blocks):
+            block(f"down.{k}.0", f"down_blocks.{level}.resnets.{i}", cur != m.ch * mult,
+                  (f"down.{k}.1", f"down_blocks.{level}.attentions.{i}") if has_attn else None)
+            cur = m.ch * mult
+            skip_chs.append(cur)
+            k += 1
+        if level != n_levels - 1:
+            pairs.append((f"down.{k}.0.conv", f"down_blocks.{level}.downsamplers.0.conv"))
+            skip_chs.append(cur)
+            k, res = k + 1, res // 2
+
+    block("mid.0", "mid_block.resnets.0", False, ("mid.1", "mid_block.attentions.0"))
+    block("mid.2", "mid_block.resnets.1", False, None)
+
+    k = 0
+    for up_index, (level, mult) in enumerate(reversed(list(enumerate(m.ch_mult)))):
+        has_attn = res in m.attn_resolutions
+        for i in range(m.num_res_blocks + 1):
+            # Every up block concatenates a skip, so its input width always differs.
+            in_ch = cur + skip_chs.pop()
+            block(f"up.{k}.0", f"up_blocks.{up_index}.resnets.{i}", in_ch != m.ch * mult,
+                  (f"up.{k}.1", f"up_blocks.{up_index}.attentions.{i}") if has_attn else None)
+            cur = m.ch * mult
+            k += 1
+        if level != 0:
+            pairs.append((f"up.{k}.0.conv", f"up_blocks.{up_index}.upsamplers.0.conv"))
+            k, res = k + 1, res * 2
+
+    pairs += [("norm_out", "conv_norm_out"), ("conv_out", "conv_out")]
+    return pairs
+
+
+def _with_legacy_names(theirs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename pre-0.14 attention keys (query/key/value/proj_attn) to the current names."""
+    legacy = {old: new for new, old in LEGACY_ATTN_NAMES.items()}
+    out = {}
+    for key, value in theirs.items():
+        module, _, leaf = key.rpartition(".")
+        parent, _, name = module.rpartition(".")
+        if ".attentions." in key and name in legacy:
+            key = f"{parent}.{legacy[name]}.{leaf}"
+        out[key] = value
+    return out
+
+
+def convert_state_dict(theirs: Dict[str, torch.Tensor], cfg: Config) -> Dict[str, torch.Tensor]:
+    """A diffusers UNet2DModel state dict -> our UNet's, through ``parameter_map``.
+
+    Every diffusers key must be used exactly once and every one of ours filled;
+    otherwise an OfficialWeightsError lists what is left over or missing.
+    """
+    theirs = _with_legacy_names(theirs)
+    ours, used = {}, set()
+    for our_module, their_module in parameter_map(cfg):
+        for leaf in ("weight", "bias"):
+            src = f"{their_module}.{leaf}"
+            if src not in theirs:
+                raise OfficialWeightsError(f"diffusers weights lack {src} (needed for our {our_module}.{leaf})")
+            ours[f"{our_module}.{leaf}"] = theirs[src]
+            used.add(src)
+    extra = sorted(set(theirs) - used)
+    if extra:
+        raise OfficialWeightsError(f"diffusers weights hold {len(extra)} keys our UNet has no place for, "
+                                   f"e.g. {extra[:5]}")
+    return ours
+
+
+def load_converted(model: torch.nn.Module, ours: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy converted weights into ``model``, reshaping Linear [C, C] to 1x1 conv [C, C, 1, 1]."""
+    target = model.state_dict()
+    if set(target) != set(ours):
+        missing, extra = sorted(set(target) - set(ours)), sorted(set(ours) - set(target))
+        raise OfficialWeightsError(f"name map does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
+    fitted = {}
+    for name, value in ours.items():
+        shape = target[name].shape
+        if value.shape != shape:
+            if value.numel() != target[name].numel() or len(shape) != 4 or shape[2:] != (1, 1):
+                raise OfficialWeightsError(f"{name}: diffusers shape {tuple(value.shape)} does not fit ours "
+                                           f"{tuple(shape)}; the config and the weights disagree")
+            value = value.reshape(shape)  # attention projection: Linear -> 1x1 conv
+        fitted[name] = value
+    model.load_state_dict(fitted)
+    return model
+
+
+def to_diffusers_state_dict(ours: Dict[str, torch.Tensor], cfg: Config) -> Dict[str, torch.Tensor]:
+    """The inverse map: our UNet's state dict under diffusers' names (for export and tests)."""
+    theirs = {}
+    for our_module, their_module in parameter_map(cfg):
+        for leaf in ("weight", "bias"):
+            value = ours[f"{our_module}.{leaf}"]
+            if ".attentions." in their_module and value.ndim == 4:
+                value = value.reshape(value.shape[:2])  # 1x1 conv -> Linear
+            theirs[f"{their_module}.{leaf}"] = value
+    return theirs
+
+
+# ----------------------------------------------------------------------------- files
+
+# safetensors layout (github.com/huggingface/safetensors, "Format"): an 8-byte
+# little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+# then the raw little-endian tensor bytes. Read here so that loading needs only torch.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_safetensors(path) -> Dict[str, torch.Tensor]:
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError) as e:
+        raise OfficialWeightsError(f"{path} is not a safetensors file ({e})") from e
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise OfficialWeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        if end > len(body):
+            raise OfficialWeightsError(f"{path} is truncated (tensor {name} ends past the file); download it again")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(info["shape"])
+    return out
+
+
+def read_diffusers_weights(unet_dir: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
+    for name in WEIGHT_FILES:
+        path = unet_dir / name
+        if path.is_file():
+            if name.endswith(".safetensors"):
+                return read_safetensors(path), path
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True), path
+            except Exception as e:
+                raise OfficialWeightsError(f"cannot read {path} ({type(e).__name__}: {e}); download it again") from e
+    raise OfficialWeightsError(f"{unet_dir} holds {CONFIG_FILE} but none of {', '.join(WEIGHT_FILES)}")
+
+
+def _scheduler_config(folder: Path, unet_dir: Path) -> Optional[Dict[str, Any]]:
+    for path in (unet_dir / SCHEDULER_FILE, folder / "scheduler" / SCHEDULER_FILE, folder / SCHEDULER_FILE):
+        if path.is_file():
+            return _read_json(path)
+    return None
+
+
+def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
+    """(config, our UNet in eval mode, GaussianDiffusion, state) from a diffusers folder.
+
+    Same contract as ddpm.checkpoint.load_model (the model is built on the CPU;
+    ``map_location`` is accepted for that signature and unused). ``state`` mimics a checkpoint dict:
+    format "diffusers-folder", config, step None (the files do not record it), ema
+    (our state dict), plus source, weights_file and diffusers_config.
+    """
+    folder = Path(folder)
+    if not ema:
+        raise OfficialWeightsError(
+            f"{folder} is a diffusers folder with one set of weights, the released (EMA) ones; "
+            "there are no raw weights to load with ema=False (--no-ema)")
+    unet_dir = _unet_dir(folder)
+    unet_cfg = _read_json(unet_dir / CONFIG_FILE)
+    cfg = config_from_diffusers(unet_cfg, _scheduler_config(folder, unet_dir), str(unet_dir / CONFIG_FILE))
+    theirs, weights_file = read_diffusers_weights(unet_dir)
+    ours = convert_state_dict(theirs, cfg)
+    model = load_converted(build_model(cfg), ours)
+    state = {"format": "diffusers-folder", "config": cfg.to_dict(), "step": None,
+             "ema": model.state_dict(), "source": str(folder), "weights_file": str(weights_file),
+             "diffusers_config": unet_cfg}
+    return cfg, model.eval(), build_diffusion(cfg), state

@@ -1,0 +1,279 @@
+"""The released weights' format (diffusers UNet2DModel) maps onto our UNet exactly.
+
+Nothing is downloaded: the diffusers configurations of google/ddpm-cifar10-32 and
+google/ddpm-celebahq-256 are written out below (as published in their config.json),
+diffusers builds those networks with random weights, and our UNet, given the
+converted weights, must compute the same function. The parity tests need diffusers
+(`pip install diffusers`, the `official` extra) and skip with a reason without it;
+the config, name-map and file tests need only torch.
+"""
+
+import copy
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from ddpm import official as O
+from ddpm.checkpoint import CheckpointError, load_model
+from ddpm.config import build_model, get_preset
+from ddpm.unet import num_params
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for the hub here
+
+# google/ddpm-cifar10-32, config.json (diffusers 0.5 era; keys it omits take diffusers' defaults).
+CIFAR10_CONFIG = {
+    "_class_name": "UNet2DModel",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+# google/ddpm-celebahq-256 (and google/ddpm-church-256), config.json.
+CELEBAHQ256_CONFIG = {
+    **CIFAR10_CONFIG,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "sample_size": 256,
+}
+# A 1.4M-parameter network of the same family, for the cheap file tests.
+TINY_CONFIG = {**CIFAR10_CONFIG, "block_out_channels": [32, 64],
+               "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+               "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1}
+
+
+def _kwargs(cfg):
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _perturb(model, seed=0):
+    """Randomize every parameter: zero-initialized output layers and GroupNorm's 1/0
+    would otherwise make swapped names (norm1 vs norm2, conv2, proj_out) undetectable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = p.std().item() if p.numel() > 1 and p.std() > 0 else 0.1
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _inputs(batch, res, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, res, res, generator=g)
+    t = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (batch,), generator=g)])[:batch]
+    return x, t
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers", reason="the parity tests need diffusers: pip install diffusers")
+
+
+@pytest.fixture(scope="module")
+def cifar_pair(diffusers):
+    """diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration, random weights."""
+    torch.manual_seed(0)
+    return _perturb(diffusers.UNet2DModel(**_kwargs(CIFAR10_CONFIG)))
+
+
+# ------------------------------------------------------------------- configs (torch only)
+
+
+def test_cifar10_config_is_the_papers_network():
+    cfg = O.config_from_diffusers(CIFAR10_CONFIG)
+    assert cfg.model == get_preset("cifar10").model
+    assert cfg.diffusion.var_type == "beta"  # fixedlarge, as the paper's CIFAR10 model
+    assert (cfg.data.resolution, cfg.data.channels) == (32, 3)
+    assert num_params(build_model(cfg)) == 35_746_307
+
+
+def test_256_config_is_the_papers_256_network():
+    cfg = O.config_from_diffusers(CELEBAHQ256_CONFIG)
+    assert cfg.model.ch == 128 and cfg.model.ch_mult == (1, 1, 2, 2, 4, 4)
+    assert cfg.model.attn_resolutions == (16,) and cfg.model.num_res_blocks == 2
+    assert cfg.diffusion.var_type == "beta_tilde"  # fixedsmall, as the official 256 runs
+    assert cfg.data.resolution == 256
+    assert num_params(build_model(cfg)) == 113_673_219  # the paper's "about 114M"
+
+
+def test_scheduler_config_sets_the_variance_and_checks_the_schedule():
+    sched = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+             "num_train_timesteps": 1000, "variance_type": "fixed_small"}
+    assert O.config_from_diffusers(CIFAR10_CONFIG, sched).diffusion.var_type == "beta_tilde"
+    # the oldest file format (google/ddpm-cifar10-32's first upload) says "timesteps"
+    old = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "timesteps": 1000,
+           "variance_type": "fixed_large"}
+    assert O.config_from_diffusers(CIFAR10_CONFIG, old).diffusion.var_type == "beta"
+    with pytest.raises(O.OfficialWeightsError, match="not the paper's"):
+        O.config_from_diffusers(CIFAR10_CONFIG, {**sched, "beta_schedule": "squaredcos_cap_v2"})
+    with pytest.raises(O.OfficialWeightsError, match="prediction_type"):
+        O.config_from_diffusers(CIFAR10_CONFIG, {**sched, "prediction_type": "v_prediction"})
+
+
+ABSENT = object()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"flip_sin_to_cos": True}, "flip_sin_to_cos"),
+    ({"norm_eps": ABSENT}, "norm_eps"),  # absent: diffusers assumes 1e-5, not the official 1e-6
+    ({"attention_head_dim": 8}, "attention_head_dim"),
+    ({"downsample_padding": 1}, "downsample_padding"),
+    ({"up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"]}, "level"),
+    ({"_class_name": "UNet2DConditionModel"}, "UNet2DModel"),
+    ({"sample_size": 64}, "sample_size"),
+])
+def test_networks_we_do_not_implement_are_rejected(change, message):
+    cfg = {**CIFAR10_CONFIG, **change}
+    cfg = {k: v for k, v in cfg.items() if v is not ABSENT}
+    with pytest.raises(O.OfficialWeightsError, match=message):
+        O.config_from_diffusers(cfg)
+
+
+@pytest.mark.parametrize("dcfg", [CIFAR10_CONFIG, CELEBAHQ256_CONFIG], ids=["cifar10", "256"])
+def test_name_map_covers_every_parameter_once(dcfg):
+    cfg = O.config_from_diffusers(dcfg)
+    pairs = O.parameter_map(cfg)
+    ours = [f"{a}.{leaf}" for a, _ in pairs for leaf in ("weight", "bias")]
+    theirs = [b for _, b in pairs]
+    assert len(set(ours)) == len(ours) and len(set(theirs)) == len(theirs)
+    assert sorted(ours) == sorted(build_model(cfg).state_dict())
+
+
+# -------------------------------------------------------------------- files (torch only)
+
+
+def _write_folder(folder, dcfg, theirs, fmt):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dcfg))
+    if fmt == "bin":
+        torch.save(theirs, folder / "diffusion_pytorch_model.bin")
+    else:  # safetensors, written by hand from the format's definition
+        header, offset, blobs = {}, 0, []
+        for name, value in theirs.items():
+            blob = value.contiguous().numpy().tobytes()
+            header[name] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
+            offset += len(blob)
+            blobs.append(blob)
+        head = json.dumps(header).encode()
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_load_model_reads_a_diffusers_folder(tmp_path, fmt):
+    """Our weights -> diffusers names and files -> load_model -> the same network."""
+    cfg = O.config_from_diffusers(TINY_CONFIG)
+    torch.manual_seed(0)
+    model = _perturb(build_model(cfg))
+    _write_folder(tmp_path / "m", TINY_CONFIG, O.to_diffusers_state_dict(model.state_dict(), cfg), fmt)
+    cfg2, loaded, diffusion, state = load_model(tmp_path / "m")
+    assert cfg2 == cfg and not loaded.training and diffusion.T == 1000
+    assert state["format"] == "diffusers-folder" and state["weights_file"].endswith(fmt)
+    x, t = _inputs(2, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), model(x, t))
+
+
+def test_legacy_attention_names_load(tmp_path):
+    """Files from diffusers < 0.14 call the attention projections query/key/value/proj_attn."""
+    cfg = O.config_from_diffusers(TINY_CONFIG)
+    sd = O.to_diffusers_state_dict(_perturb(build_model(cfg)).state_dict(), cfg)
+    legacy = {}
+    for k, v in sd.items():
+        for new, old in O.LEGACY_ATTN_NAMES.items():
+            k = k.replace(f".{new}.", f".{old}.")
+        legacy[k] = v
+    assert any(".query." in k for k in legacy) and any(".proj_attn." in k for k in legacy)
+    converted = O.convert_state_dict(legacy, cfg)
+    assert all(torch.equal(converted[k], v) for k, v in O.convert_state_dict(sd, cfg).items())
+
+
+def test_bad_folders_give_clear_errors(tmp_path):
+    cfg = O.config_from_diffusers(TINY_CONFIG)
+    sd = O.to_diffusers_state_dict(build_model(cfg).state_dict(), cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint file nor a diffusers folder"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(CheckpointError, match="none of diffusion_pytorch_model"):
+        load_model(tmp_path / "noweights")
+    _write_folder(tmp_path / "ok", TINY_CONFIG, sd, "safetensors")
+    with pytest.raises(CheckpointError, match="no raw weights"):
+        load_model(tmp_path / "ok", ema=False)
+    f = tmp_path / "ok" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(tmp_path / "ok")
+    del sd["conv_out.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    _write_folder(tmp_path / "keys", TINY_CONFIG, sd, "bin")
+    with pytest.raises(CheckpointError, match="conv_out.bias"):
+        load_model(tmp_path / "keys")
+
+
+def test_safetensors_reader_matches_the_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="needs the safetensors package (comes with diffusers)")
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.randn(2, 2, 1, 1).half()}
+    st.save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    got = O.read_safetensors(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+
+
+# --------------------------------------------------------------- parity against diffusers
+
+
+def test_cifar10_parity_with_diffusers(cifar_pair):
+    cfg = O.config_from_diffusers(CIFAR10_CONFIG)
+    ours = O.load_converted(build_model(cfg), O.convert_state_dict(cifar_pair.state_dict(), cfg)).eval()
+    x, t = _inputs(4, 32)
+    with torch.no_grad():
+        want, got = cifar_pair(x, t).sample, ours(x, t)
+    assert want.abs().max() > 0.1  # a non-trivial function, not zeros
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cifar10_pipeline_folder_through_load_model(cifar_pair, diffusers, tmp_path):
+    """DDPMPipeline.save_pretrained layout (unet/ + scheduler/), as downloaded from the hub."""
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                    beta_schedule="linear", variance_type="fixed_large")
+    diffusers.DDPMPipeline(unet=cifar_pair, scheduler=sched).save_pretrained(tmp_path)
+    cfg, ours, _, state = load_model(tmp_path)
+    assert state["weights_file"].endswith("unet/diffusion_pytorch_model.safetensors")
+    assert cfg.diffusion.var_type == "beta" and cfg.model == get_preset("cifar10").model
+    x, t = _inputs(2, 32, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t), cifar_pair(x, t).sample, atol=1e-5, rtol=0)
+
+
+def test_256_parity_with_diffusers(diffusers):
+    """The 114M-parameter 256x256 network: one 256x256 image (about 15 s on 2 CPU cores)."""
+    torch.manual_seed(0)
+    theirs = _perturb(diffusers.UNet2DModel(**_kwargs(CELEBAHQ256_CONFIG)))
+    cfg = O.config_from_diffusers(CELEBAHQ256_CONFIG)
+    ours = O.load_converted(build_model(cfg), O.convert_state_dict(theirs.state_dict(), cfg)).eval()
+    x, t = _inputs(1, 256)
+    t = torch.tensor([731])
+    with torch.no_grad():
+        want, got = theirs(x, t).sample, ours(x, t)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
