@@ -1,7 +1,69 @@
-"""Sampling from a checkpoint (work in progress): the `sample` subcommand."""
+"""The ``sample`` subcommand: PNGs and a grid from a checkpoint.
+
+    python -m ddpm sample --checkpoint RUN/final.pt --n 64 --out DIR [--var beta|beta_tilde]
+                          [--ema/--no-ema] [--seed S] [--batch-size B] [--device D]
+
+writes DIR/images/000000.png ... (exactly N files, usable as an FID input folder),
+DIR/grid.png (the first 64) and DIR/sample.json (checkpoint, step, EMA, variance,
+seed, sampler). Sampling itself is ddpm.generate.generate: batch k is drawn from a
+generator seeded by (seed, k), so the images do not depend on anything else run
+before. For 50k-sample FID runs use the shard-resumable generator of the ``fid``
+tooling instead of PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .diffusion import VarType
 
 
 def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="draw samples from a checkpoint (work in progress)")
-    p.add_argument("--checkpoint", required=True)
-    p.set_defaults(func=lambda args: print("not implemented yet") or 1)
+    p = subparsers.add_parser("sample", help="draw samples from a checkpoint into PNGs and a grid")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. RUN/final.pt)")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", required=True, help="output folder (images/, grid.png, sample.json)")
+    p.add_argument("--var", choices=[VarType.BETA.value, VarType.BETA_TILDE.value], default=None,
+                   help="reverse-process variance: beta (fixedlarge) or beta_tilde (fixedsmall), "
+                        "also for a model trained with learned variances; default: the model's own "
+                        "diffusion.var_type")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights (default, as the paper) or the raw ones (--no-ema)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .cli import UsageError
+    from .generate import SAMPLER, PIXEL_MAP, generate, write_pngs
+    from .train import pick_device
+
+    if args.n < 1 or args.batch_size < 1:
+        raise UsageError("--n and --batch-size must be positive")
+    out = Path(args.out)
+    if (out / "images").exists() and any((out / "images").iterdir()):
+        raise UsageError(f"{out / 'images'} already holds images; choose another --out (nothing is "
+                         "overwritten)")
+    dev = pick_device(args.device)
+    cfg, model, diffusion, state = load_model(args.checkpoint, ema=args.ema)
+    model.to(dev)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    with torch.no_grad():
+        images = generate(model, diffusion, args.n, shape, batch_size=args.batch_size, seed=args.seed,
+                          device=dev, var_type=args.var, progress=True)
+    assert images.shape == (args.n, shape[1], shape[2], shape[0]), images.shape
+    write_pngs(images, out / "images", grid_path=out / "grid.png")
+    (out / "sample.json").write_text(json.dumps({
+        "checkpoint": str(Path(args.checkpoint).absolute()), "step": int(state["step"]),
+        "ema": bool(args.ema), "var_type": args.var or cfg.diffusion.var_type, "n": args.n,
+        "seed": args.seed, "batch_size": args.batch_size, "steps": diffusion.T, "sampler": SAMPLER,
+        "pixel_map": PIXEL_MAP, "device": str(dev)}, indent=2) + "\n")
+    print(f"wrote {args.n} PNGs to {out / 'images'} and {out / 'grid.png'}")
+    return 0
