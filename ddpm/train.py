@@ -271,7 +271,7 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
     gen = torch.Generator(device=dev)
     gen.manual_seed(derive_seed(tc.seed, 4))
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps)
-    step = 0
+    step, resumed_rng = 0, None
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -279,7 +279,8 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         step = int(state["step"])
         rng = state["rng"]
         if rng["world_size"] == d.world_size and rng["device"] == dev.type:
-            _set_rng_state(rng["ranks"][d.rank], gen)
+            resumed_rng = rng["ranks"][d.rank]
+            _set_rng_state(resumed_rng, gen)
         else:
             log(f"warning: the checkpoint was written by {rng['world_size']} process(es) on "
                 f"{rng['device']}, this run has {d.world_size} on {dev.type}: random streams are "
@@ -333,7 +334,8 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
     d.barrier()
 
     def checkpoint(path_names):
-        rng = _gather(_rng_state(gen), d)
+        # Per rank: RNG states and the partial log window, so stats.jsonl continues exactly too.
+        rng = _gather({**_rng_state(gen), "log_acc": acc.cpu()}, d)
         if not d.main:
             return
         st = {"config": cfg.to_dict(), "step": step, "model": model.state_dict(),
@@ -363,6 +365,8 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         from tqdm.auto import tqdm
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
     acc = torch.zeros(11, device=dev, dtype=torch.float64)  # loss, gnorm, n, q_sum[4], q_cnt[4]
+    if resumed_rng is not None and "log_acc" in resumed_rng:
+        acc.copy_(resumed_rng["log_acc"])
     t_window, n_window, window_steps = 0.0, 0, 0
     model.train()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16)

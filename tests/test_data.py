@@ -1,0 +1,142 @@
+"""Data loading: folder images (resize/crop), torchvision layouts, missing-data errors, data order."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm import data as D
+from ddpm.config import DataConfig
+
+SHARED = Path("/work/shared/data")
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_scaling_is_x_over_127_5_minus_1():
+    x = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    expect = torch.tensor([0, 1, 127, 128, 255], dtype=torch.float64) / 127.5 - 1
+    assert torch.allclose(D.to_model_range(x).double(), expect, atol=1e-7)
+    assert D.to_model_range(x).min() == -1 and D.to_model_range(x).max() == 1
+
+
+def test_folder_is_recursive_sorted_and_center_crops(tmp_path):
+    # 16 wide x 8 high: left quarter red, middle half green, right quarter blue.
+    # At resolution 8 the shorter side already fits, so the center crop is all green.
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, :4] = (255, 0, 0)
+    a[:, 4:12] = (0, 255, 0)
+    a[:, 12:] = (0, 0, 255)
+    _png(tmp_path / "b" / "wide.png", a)
+    # 32x32 uniform gray: resized to 8x8 it stays that gray exactly.
+    _png(tmp_path / "a.png", np.full((32, 32, 3), 77, np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = D.FolderImages(tmp_path, resolution=8, channels=3)
+    assert [p.relative_to(tmp_path).as_posix() for p in ds.files] == ["a.png", "b/wide.png"]
+    gray, wide = ds[0], ds[1]
+    assert gray.shape == wide.shape == (3, 8, 8) and gray.dtype == torch.uint8
+    assert (gray == 77).all()
+    assert (wide[0] == 0).all() and (wide[1] == 255).all() and (wide[2] == 0).all()
+
+
+def test_folder_grayscale_and_tall_images(tmp_path):
+    a = np.zeros((40, 10), np.uint8)  # tall: resized to 8 x 32, center rows kept
+    a[16:24] = 200
+    _png(tmp_path / "tall.png", a)
+    x = D.FolderImages(tmp_path, resolution=8, channels=1)[0]
+    assert x.shape == (1, 8, 8)
+    # Rows 16..24 of 40 map to rows 12.8..19.2 of 32; the crop keeps rows 12..20: the band in the
+    # middle rows, partly covered edge rows, symmetric about the center.
+    assert (x[0, 2:6] == 200).all()
+    assert (x[0, 0] < 100).all() and (x[0, 7] < 100).all()
+    assert torch.equal(x[0], x[0].flip(0))
+
+
+def test_load_folder_in_memory_and_relative_to_data_dir(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _png(tmp_path / "set" / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    monkeypatch.setenv(D.ENV_DATA_DIR, str(tmp_path))
+    ds = D.load_dataset(DataConfig(dataset="folder", path="set", resolution=8, channels=3))
+    assert isinstance(ds, D.TensorImages) and ds.images.shape == (5, 3, 8, 8)
+    first = np.asarray(Image.open(tmp_path / "set" / "0.png"))
+    assert np.array_equal(ds.images[0].permute(1, 2, 0).numpy(), first)
+    # Above the in-memory threshold the same images are decoded lazily, in the same order.
+    monkeypatch.setattr(D, "IN_MEMORY_BYTES", 0)
+    lazy = D.load_dataset(DataConfig(dataset="folder", path="set", resolution=8, channels=3))
+    assert isinstance(lazy, D.FolderImages)
+    a = next(D.batch_stream(ds, seed=3, start_step=2, global_batch=4))
+    b = next(D.batch_stream(lazy, seed=3, start_step=2, global_batch=4))
+    assert torch.equal(a, b)
+
+
+def test_data_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(D.ENV_DATA_DIR, raising=False)
+    assert D.resolve_data_dir() == Path("data").absolute()
+    monkeypatch.setenv(D.ENV_DATA_DIR, str(tmp_path))
+    assert D.resolve_data_dir() == tmp_path
+    assert D.resolve_data_dir(tmp_path / "x") == tmp_path / "x"  # --data-dir wins
+
+
+@pytest.mark.parametrize("name,layout", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+def test_missing_torchvision_set_says_what_to_do_and_downloads_nothing(tmp_path, name, layout):
+    cfg = DataConfig(dataset=name, resolution=28 if name == "mnist" else 32,
+                     channels=1 if name == "mnist" else 3)
+    empty = tmp_path / "empty"
+    with pytest.raises(D.DataError) as e:
+        D.load_dataset(cfg, empty)
+    msg = str(e.value)
+    for part in (str(empty), layout, "--download", "--data-dir", D.ENV_DATA_DIR):
+        assert part in msg, (part, msg)
+    assert not any(empty.rglob("*")), "nothing may be downloaded or created without --download"
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist.*--data-dir"):
+        D.load_dataset(DataConfig(dataset="folder", path="celebahq256", resolution=8), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match="holds no images"):
+        D.load_dataset(DataConfig(dataset="folder", path="empty", resolution=8), tmp_path)
+
+
+def test_no_silent_resize_of_mnist_or_cifar10(tmp_path):
+    with pytest.raises(D.DataError, match="28x28"):
+        D.load_dataset(DataConfig(dataset="mnist", resolution=32, channels=1), tmp_path)
+    with pytest.raises(D.DataError, match="32x32"):
+        D.load_dataset(DataConfig(dataset="cifar10", resolution=32, channels=1), tmp_path)
+
+
+@pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="needs MNIST in /work/shared/data")
+def test_mnist_from_shared_folder():
+    ds = D.load_dataset(DataConfig(dataset="mnist", resolution=28, channels=1, hflip=False), SHARED)
+    assert ds.images.shape == (60000, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert ds.images.max() == 255 and ds.images.min() == 0
+
+
+def test_epochs_visit_every_example_once_and_resume_needs_no_replay():
+    n, B = 10, 4  # batches straddle epoch boundaries
+    stream = np.concatenate([D.step_indices(n, 7, s, B) for s in range(10)])  # 40 = 4 epochs
+    for e in range(4):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n:2 * n]), "each epoch has its own order"
+    # Starting at step 6 gives exactly what the uninterrupted stream had there.
+    ds = D.TensorImages(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), "ids")
+    it = D.batch_stream(ds, seed=7, start_step=6, global_batch=B)
+    got = np.concatenate([next(it).flatten().numpy() for _ in range(4)])
+    assert np.array_equal(got, stream[24:40])
+
+
+def test_rank_slices_concatenate_to_the_global_batch():
+    n, B = 13, 6
+    for step in range(5):
+        whole = D.step_indices(n, 1, step, B)
+        parts = [D.step_indices(n, 1, step, B, rank=r, world_size=3) for r in range(3)]
+        assert np.array_equal(np.concatenate(parts), whole)
+    with pytest.raises(ValueError, match="divisible"):
+        D.batch_stream(D.TensorImages(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), "z"), 0, 0, 5,
+                       rank=0, world_size=2)
