@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 # Modules that add a subcommand; each defines add_subcommand(subparsers).
-SUBCOMMAND_MODULES = ["ddpm.train", "ddpm.cli_sample", "ddpm.fidelity"]
+SUBCOMMAND_MODULES = ["ddpm.train", "ddpm.cli_sample", "ddpm.fidelity", "ddpm.evaluate"]
 
 
 class UsageError(Exception):

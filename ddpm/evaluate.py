@@ -1,0 +1,395 @@
+"""Evaluation of a checkpoint: FID / KID / IS, NLL in bits/dim, rate-distortion, figures.
+
+``python -m ddpm eval --checkpoint CKPT --metrics fid,is,kid,nll,rd --n N ...`` writes
+``OUT/metrics.json`` (every value with its N, sampler, steps, variance, EMA flag,
+reference set, seed, git commit, device and elapsed time) and the figures.
+
+NLL (Table 1): the full variational bound over all T steps (Eq. 5) by
+GaussianDiffusion.calc_bpd_loop, with clipped x_0 predictions and fresh noise per
+step as in the official code, in bits/dim, averaged over N images, with its standard
+error over images (sample std / sqrt(N); the per-step noise is part of the estimate).
+L_T (prior), L_0 (decoder) and the sum of the KL terms L_1..L_{T-1} are reported
+separately; they add up to the bound. Either fixed variance can be evaluated from the
+same checkpoint (``--var beta|beta_tilde``).
+
+Rate-distortion (Sec. 4.3, Table 4, Fig. 5), from the same per-step terms. Sending
+x_0 with Algorithm 3 transmits x_T, x_{T-1}, ..., x_1 in turn; x_i costs the KL term
+L_i = KL(q(x_i | x_{i+1}, x_0) || p(x_i | x_{i+1})) (x_T costs L_T) and the receiver,
+holding x_t, can estimate x_0 as the network's predicted x_0 (Algorithm 4). With
+``s = T - t + 1`` the reverse step (s = 1: only x_T received; s = T: x_1 received):
+
+    rate(s)       = mean over images of  L_T + sum_{i = t}^{T-1} L_i       (bits/dim)
+    distortion(s) = 127.5 * sqrt(mean over images and dims of (x0_hat(x_t) - x_0)^2)
+
+with x_t ~ q(x_t | x_0) and x0_hat clipped to [-1, 1] (RMSE on the [0, 255] scale).
+In calc_bpd_loop's 0-based columns: L_i is ``terms_bpd_bt[:, i]`` (i >= 1), L_T is
+``prior_bpd_b``, x0_hat(x_t) is column ``t - 1 = T - s`` of ``mse_bt``. So rate(T) =
+L_T + all KL terms (1.77581 bits/dim for CIFAR10), which excludes the decoder term L_0
+(1.97 bits/dim there: the distortion of the last step, paid in bits), and rate(1) = L_T.
+Table 4's rows are s = T, 0.9T, ..., 0.1T (1000, 900, ..., 100 for T = 1000).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .diffusion import GaussianDiffusion, Model, VarType, _enum
+from .generate import PIXEL_MAP, SAMPLER, from_uint8, generate, shard_seed
+
+RD_DEFINITION = (
+    "reverse step s = T - t + 1; rate(s) = mean_b[L_T + sum_{i=t}^{T-1} L_i] bits/dim (L_i = KL(q(x_i|x_{i+1},x_0)"
+    " || p(x_i|x_{i+1})), calc_bpd_loop column i; L_0 excluded); distortion(s) = 127.5 * sqrt(mean_{b,dims} "
+    "(x0_hat(x_t) - x_0)^2) with x_t ~ q(x_t|x_0), x0_hat clipped, calc_bpd_loop mse column t-1"
+)
+
+
+# --------------------------------------------------------------------------------- NLL
+
+
+@torch.no_grad()
+def bound_terms(model: Model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 16,
+                var_type=None, clip_x0: bool = True, seed: int = 0, device="cpu", max_batch: int = 256,
+                progress: bool = True) -> Dict[str, np.ndarray]:
+    """calc_bpd_loop over uint8 images [N, C, H, W] in batches; per-image float64 arrays:
+    total_bpd_b [N], prior_bpd_b [N], terms_bpd_bt [N, T], mse_bt [N, T].
+    Batch k draws its noise from a generator seeded by (seed, k), so results do not
+    depend on what ran before."""
+    assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
+    N, T = images.shape[0], diffusion.T
+    parts = {k: [] for k in ("total_bpd_b", "prior_bpd_b", "terms_bpd_bt", "mse_bt")}
+    starts = list(range(0, N, batch_size))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=N, desc="bound (all T steps)", unit="img")
+    for k, s in enumerate(starts):
+        x0 = images[s:s + batch_size].float().div(127.5).sub(1.0).to(device)  # x / 127.5 - 1
+        g = torch.Generator(device=device)
+        g.manual_seed(shard_seed(seed, k))
+        out = diffusion.calc_bpd_loop(model, x0, clip_x0=clip_x0, var_type=var_type, max_batch=max_batch,
+                                      generator=g)
+        for key in parts:
+            parts[key].append(out[key].double().cpu().numpy())
+        if bar is not None:
+            bar.update(x0.shape[0])
+    if bar is not None:
+        bar.close()
+    res = {k: np.concatenate(v) for k, v in parts.items()}
+    assert res["terms_bpd_bt"].shape == (N, T) and res["mse_bt"].shape == (N, T)
+    return res
+
+
+def _mean_se(x: np.ndarray) -> Dict[str, float]:
+    x = np.asarray(x, dtype=np.float64)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {"mean": float(x.mean()), "se": se}
+
+
+def summarize_nll(terms: Dict[str, np.ndarray]) -> Dict[str, object]:
+    """The bound and its parts, each as mean and standard error over images (bits/dim)."""
+    L0 = terms["terms_bpd_bt"][:, 0]
+    kl = terms["terms_bpd_bt"][:, 1:].sum(1)
+    LT = terms["prior_bpd_b"]
+    total = terms["total_bpd_b"]
+    np.testing.assert_allclose(L0 + kl + LT, total, rtol=1e-9, atol=1e-9)
+    return {
+        "bpd": _mean_se(total)["mean"], "bpd_se": _mean_se(total)["se"], "n": int(len(total)),
+        "L_T": _mean_se(LT), "L_0": _mean_se(L0), "kl_sum_L1_to_LTm1": _mean_se(kl),
+        "note": "bpd = L_T + sum of KL terms L_1..L_{T-1} + L_0; se = std over images (ddof=1) / sqrt(n)",
+    }
+
+
+# ---------------------------------------------------------------------- rate-distortion
+
+
+def rate_distortion(terms: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """rate and distortion at every reverse step s = 1..T (see the module docstring)."""
+    t_bt, prior_b, mse_bt = terms["terms_bpd_bt"], terms["prior_bpd_b"], terms["mse_bt"]
+    N, T = t_bt.shape
+    kl_t = t_bt.mean(0)  # [T]: column i = L_i (column 0, the decoder L_0, is never used)
+    # rate at s: L_T + sum_{i=T-s+1}^{T-1} L_i. Accumulate from i = T-1 down to 1.
+    kl_desc = np.concatenate([[0.0], kl_t[1:][::-1]])  # s=1: nothing; s=2: L_{T-1}; ...; s=T: ... + L_1
+    rate = prior_b.mean() + np.cumsum(kl_desc)
+    s = np.arange(1, T + 1)
+    mse = mse_bt.mean(0)[T - s]  # x0_hat from x_t, t = T - s + 1 -> 0-based column T - s
+    dist = 127.5 * np.sqrt(mse)
+    assert rate.shape == dist.shape == (T,)
+    return {"reverse_step": s, "rate_bpd": rate, "distortion_rmse": dist}
+
+
+def table4_steps(T: int) -> list:
+    """Reverse steps of Table 4: T, 0.9T, ..., 0.1T (1000, 900, ..., 100 for T = 1000)."""
+    return [max(1, int(round(T * k / 10))) for k in range(10, 0, -1)]
+
+
+def table4_rows(rd: Dict[str, np.ndarray]) -> list:
+    T = len(rd["reverse_step"])
+    return [{"reverse_step": s, "rate_bpd": float(rd["rate_bpd"][s - 1]),
+             "distortion_rmse": float(rd["distortion_rmse"][s - 1])} for s in table4_steps(T)]
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ddpm"],
+                               cwd=here, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty(ddpm/)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def device_description(device) -> str:
+    d = torch.device(device)
+    if d.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(d)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-able: {type(o)}")
+
+
+# ------------------------------------------------------------------------------ dataset
+
+
+def dataset_spec(cfg, split: str, data_dir=None) -> Optional[str]:
+    """The fidelity.load_images spec of the checkpoint's dataset split, or None if the
+    dataset has no such split (a folder dataset has only its own images: 'train')."""
+    from .data import resolve_data_dir
+
+    ds = cfg.data.dataset
+    if ds in ("mnist", "cifar10"):
+        return f"{ds}:{split}"
+    if split != "train":
+        return None
+    p = Path(cfg.data.path)
+    return f"folder:{p if p.is_absolute() else resolve_data_dir(data_dir) / p}"
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+METRICS = ("fid", "is", "kid", "nll", "rd")
+
+
+class EvalError(RuntimeError):
+    """The evaluation asked for is impossible as specified; the message says why."""
+
+
+def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n: int = 50_000,
+             var_type=None, ema: bool = True, out_dir="eval", data_dir=None, nll_n: Optional[int] = None,
+             nll_splits: Sequence[str] = ("test", "train"), seed: int = 0, device=None,
+             batch_size: int = 256, nll_batch_size: int = 16, max_batch: int = 256,
+             reference: Optional[str] = None, reference_n: Optional[int] = None, inception_weights=None,
+             figures: bool = True, progress: bool = True) -> Dict[str, object]:
+    """Evaluate a checkpoint; writes OUT/metrics.json (updated after each metric) and figures."""
+    from . import figures as FIG
+    from .checkpoint import load_model
+    from .fidelity import compute_metrics, load_images
+
+    metrics = [m.strip().lower() for m in metrics if m.strip()]
+    bad = set(metrics) - set(METRICS)
+    if bad:
+        raise EvalError(f"unknown metric(s) {sorted(bad)}; valid: {', '.join(METRICS)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, model, diffusion, state = load_model(checkpoint, ema=ema)
+    model = model.to(device).eval()
+    var = diffusion.var_type if var_type is None else _enum(VarType, var_type)
+    if var == VarType.LEARNED and diffusion.var_type != VarType.LEARNED:
+        raise EvalError("--var learned needs a checkpoint trained with a learned variance")
+    image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    common = {"checkpoint": str(checkpoint), "checkpoint_step": int(state.get("step", -1)), "ema": bool(ema),
+              "variance": var.value, "steps": diffusion.T, "seed": int(seed), "git_commit": git_commit(),
+              "device": device_description(device)}
+    report: Dict[str, object] = {"run": {**common, "metrics_requested": metrics, "torch": torch.__version__,
+                                         "config": cfg.to_dict()},
+                                 "results": {}, "figures": {}}
+    mpath = out_dir / "metrics.json"
+
+    def save():
+        report["run"]["elapsed_s_total"] = round(time.time() - t_start, 1)
+        _write_json(mpath, report)
+
+    def put(name, value, t0, **extra):
+        report["results"][name] = {**value, **extra, **common, "elapsed_s": round(time.time() - t0, 1)}
+        save()
+
+    var_arg = None if var == diffusion.var_type else var
+    # ------------------------------------------------------------- samples: FID/KID/IS
+    if {"fid", "kid", "is"} & set(metrics):
+        t0 = time.time()
+        samples = generate(model, diffusion, n, image_shape, out_dir=out_dir / "samples", batch_size=batch_size,
+                           seed=seed, device=device, var_type=var_arg,
+                           meta={"checkpoint": str(checkpoint), "step": common["checkpoint_step"], "ema": ema},
+                           progress=progress)
+        gen_s = round(time.time() - t0, 1)
+        report["results"]["sampling"] = {"n": n, "sampler": SAMPLER, "pixel_map": PIXEL_MAP, "folder": str(out_dir / "samples"),
+                                         **common, "elapsed_s": gen_s,
+                                         "note": "elapsed_s is 0-ish when the shards already existed (resumed)"}
+        save()
+        if figures:
+            report["figures"]["samples"] = str(FIG.save_samples_grid(samples, out_dir / "samples_grid.png"))
+        ref_spec = reference or dataset_spec(cfg, "train", data_dir)
+        want = [m for m in ("fid", "kid", "is") if m in metrics]
+        t0 = time.time()
+        ref_images = ref_desc = ref_key = None
+        if {"fid", "kid"} & set(want):
+            ref_images, ref_desc, ref_key = load_images(ref_spec, data_dir, reference_n, seed=2020)
+        fm = compute_metrics(samples, ref_images, want, weights=inception_weights, device=device,
+                             reference_key=ref_key, reference_desc=ref_desc, progress=progress)
+        base = {"n": n, "sampler": SAMPLER, "pixel_map": PIXEL_MAP, "inception": fm["inception"]}
+        if "fid" in want:
+            put("fid", {"value": fm["fid"], **base, "n_reference": fm["n_reference"], "reference": fm["reference"]}, t0,
+                inception_elapsed_s=fm["elapsed_s"])
+        if "kid" in want:
+            put("kid", {"value": fm["kid"], "std": fm["kid_std"], "subset_size": fm["kid_subset_size"],
+                        "subsets": fm["kid_subsets"], **base, "n_reference": fm["n_reference"],
+                        "reference": fm["reference"]}, t0, inception_elapsed_s=fm["elapsed_s"])
+        if "is" in want:
+            if fm.get("is") is None:
+                put("is", {"value": None, "std": None, "unavailable": fm["is_unavailable"], **base}, t0)
+            else:
+                put("is", {"value": fm["is"], "std": fm["is_std"], "splits": fm["is_splits"], **base}, t0)
+    # ---------------------------------------------------------------- NLL and rate-distortion
+    if {"nll", "rd"} & set(metrics):
+        splits = list(nll_splits) if "nll" in metrics else ["test"]
+        for split in splits:
+            spec = dataset_spec(cfg, split, data_dir)
+            if spec is None:
+                report["results"][f"nll_{split}"] = {"value": None, "unavailable":
+                                                     f"dataset {cfg.data.dataset!r} has no {split} split"}
+                save()
+                continue
+            t0 = time.time()
+            images, desc, _ = load_images(spec, data_dir, nll_n, seed=2020)
+            terms = bound_terms(model, diffusion, images, batch_size=nll_batch_size, var_type=var_arg,
+                                seed=seed, device=device, max_batch=max_batch, progress=progress)
+            np.savez_compressed(out_dir / f"bound_terms_{split}.npz",
+                                **{k: v.astype(np.float32) for k, v in terms.items()})
+            summary = summarize_nll(terms)
+            if "nll" in metrics:
+                put(f"nll_{split}", {"value": summary["bpd"], "se": summary["bpd_se"], **summary,
+                                     "data": desc, "clip_x0": True,
+                                     "estimator": "calc_bpd_loop: all T terms, fresh noise per term"}, t0)
+            if "rd" in metrics and split == "test":
+                rd = rate_distortion(terms)
+                rows = table4_rows(rd)
+                put("rd", {"table4": rows, "definition": RD_DEFINITION, "n": summary["n"], "data": desc,
+                           "L_0_bpd": summary["L_0"]["mean"],
+                           "note": "rate(T) + L_0 = the NLL bound"}, t0)
+                np.savez_compressed(out_dir / "rate_distortion.npz", **rd)
+                if figures:
+                    report["figures"]["fig5_rate_distortion"] = str(FIG.rd_plots(
+                        rd, out_dir / "fig5_rate_distortion.png",
+                        title=f"{Path(str(checkpoint)).name}, {desc.split(':')[0]}, N={summary['n']}, "
+                              f"var={var.value}, EMA={ema}"))
+    # ----------------------------------------------------------------------------- figures
+    if figures:
+        t0 = time.time()
+        g = torch.Generator(device=device)
+        g.manual_seed(shard_seed(seed, 10_000))
+        C, H, W = image_shape
+        FIG.progressive_generation(diffusion, model, (8, C, H, W), out_dir / "fig6_progressive.png",
+                                   generator=g, device=device, var_type=var_arg, progress=progress)
+        report["figures"]["fig6_progressive"] = str(out_dir / "fig6_progressive.png")
+        FIG.shared_latent(diffusion, model, image_shape, out_dir / "fig7_shared_latent.png", generator=g,
+                          device=device, var_type=var_arg, progress=progress)
+        report["figures"]["fig7_shared_latent"] = str(out_dir / "fig7_shared_latent.png")
+        spec = dataset_spec(cfg, "test", data_dir) or dataset_spec(cfg, "train", data_dir)
+        imgs, _, _ = load_images(spec, data_dir, 4, seed=2020)
+        x = from_uint8(imgs.permute(0, 2, 3, 1).numpy())
+        FIG.interpolation(diffusion, model, [(x[0], x[1]), (x[2], x[3])], out_dir / "fig8_interpolation.png",
+                          generator=g, device=device, var_type=var_arg, progress=progress)
+        report["figures"]["fig8_interpolation"] = str(out_dir / "fig8_interpolation.png")
+        report["figures"]["elapsed_s"] = round(time.time() - t0, 1)
+        report["figures"]["source_images_fig8"] = f"{spec}, 4 images chosen by RandomState(2020)"
+        save()
+    save()
+    return report
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: FID/IS/KID, NLL (bits/dim), rate-distortion, figures",
+        description="Writes OUT/metrics.json and the paper's figures. FID/KID need the Inception "
+                    "weights: online they are downloaded by torch-fidelity; offline set "
+                    "DDPM_INCEPTION_WEIGHTS (see `python -m ddpm fid --help`).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--metrics", default="fid,kid,nll,rd", help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--n", type=int, default=50_000, help="samples for FID/KID/IS (paper: 50000)")
+    p.add_argument("--var", choices=["beta", "beta_tilde"], default=None,
+                   help="override the fixed reverse variance (default: the checkpoint's)")
+    p.add_argument("--ema", dest="ema", action="store_true", default=True, help="EMA weights (default)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="raw (non-EMA) weights")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint dir>/eval)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default $DDPM_DATA_DIR or ./data)")
+    p.add_argument("--nll-n", type=int, default=None, help="images per split for NLL/rd (default: all)")
+    p.add_argument("--nll-splits", default="test,train", help="splits for NLL (rd always uses test)")
+    p.add_argument("--reference", default=None,
+                   help="FID reference set (default: the checkpoint's dataset, train split, as in the paper); "
+                        "e.g. mnist:test, folder:PATH")
+    p.add_argument("--reference-n", type=int, default=None, help="seeded random subset of the reference set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=256, help="sampling batch (= shard size)")
+    p.add_argument("--nll-batch-size", type=int, default=16, help="images per calc_bpd_loop call")
+    p.add_argument("--max-batch", type=int, default=256, help="(image, t) pairs per network call in the bound")
+    p.add_argument("--inception-weights", default=None, help="offline Inception weights (else $DDPM_INCEPTION_WEIGHTS)")
+    p.add_argument("--no-figures", dest="figures", action="store_false")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from .cli import UsageError
+    from .fidelity import FidelityError
+
+    out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
+    try:
+        report = evaluate(args.checkpoint, args.metrics.split(","), n=args.n, var_type=args.var, ema=args.ema,
+                          out_dir=out, data_dir=args.data_dir, nll_n=args.nll_n,
+                          nll_splits=[s.strip() for s in args.nll_splits.split(",") if s.strip()],
+                          seed=args.seed, device=args.device, batch_size=args.batch_size,
+                          nll_batch_size=args.nll_batch_size, max_batch=args.max_batch,
+                          reference=args.reference, reference_n=args.reference_n,
+                          inception_weights=args.inception_weights, figures=args.figures,
+                          progress=not args.no_progress)
+    except (FidelityError, EvalError) as e:
+        raise UsageError(str(e)) from None
+    short = {k: {kk: v.get(kk) for kk in ("value", "se", "std", "n", "elapsed_s") if kk in v}
+             for k, v in report["results"].items()}
+    print(json.dumps({"metrics_json": str(Path(out) / "metrics.json"), **short}))
+    return 0

@@ -1,0 +1,180 @@
+"""ddpm.evaluate: NLL summary, rate-distortion as defined (Table 4), figures, the eval command."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import evaluate as E
+from ddpm import figures as FIG
+from ddpm.diffusion import GaussianDiffusion, make_betas
+
+MNIST_ROOT = Path("/work/shared/data")
+
+
+def test_rate_distortion_sums_the_right_terms():
+    rng = np.random.default_rng(0)
+    N, T = 3, 10
+    terms = {"terms_bpd_bt": rng.uniform(0, 1, (N, T)), "prior_bpd_b": rng.uniform(0, 1e-3, N),
+             "mse_bt": rng.uniform(0, 1, (N, T))}
+    terms["total_bpd_b"] = terms["terms_bpd_bt"].sum(1) + terms["prior_bpd_b"]
+    rd = E.rate_distortion(terms)
+    kl, LT, mse = terms["terms_bpd_bt"].mean(0), terms["prior_bpd_b"].mean(), terms["mse_bt"].mean(0)
+    for s in range(1, T + 1):
+        t = T - s + 1  # the receiver holds x_t after s reverse steps
+        assert rd["rate_bpd"][s - 1] == pytest.approx(LT + kl[t:T].sum())  # L_t .. L_{T-1}, 0-based cols
+        assert rd["distortion_rmse"][s - 1] == pytest.approx(127.5 * math.sqrt(mse[t - 1]))
+    assert rd["rate_bpd"][0] == pytest.approx(LT)  # s = 1: only x_T sent
+    # s = T: every KL term and L_T, but not the decoder term L_0 (column 0).
+    assert rd["rate_bpd"][-1] == pytest.approx(terms["total_bpd_b"].mean() - kl[0])
+    assert E.table4_steps(1000) == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]
+    assert E.table4_steps(30) == [30, 27, 24, 21, 18, 15, 12, 9, 6, 3]
+
+
+def test_nll_summary_and_standard_error():
+    rng = np.random.default_rng(1)
+    terms = {"terms_bpd_bt": rng.uniform(0, 1, (5, 4)), "prior_bpd_b": rng.uniform(0, 1, 5)}
+    terms["total_bpd_b"] = terms["terms_bpd_bt"].sum(1) + terms["prior_bpd_b"]
+    s = E.summarize_nll(terms)
+    tot = terms["total_bpd_b"]
+    assert s["bpd"] == pytest.approx(tot.mean())
+    assert s["bpd_se"] == pytest.approx(np.std(tot, ddof=1) / math.sqrt(5))
+    assert s["L_0"]["mean"] + s["kl_sum_L1_to_LTm1"]["mean"] + s["L_T"]["mean"] == pytest.approx(s["bpd"])
+
+
+def test_rate_distortion_monotone_for_the_optimal_denoiser():
+    """Data: pixels +-0.5 with equal probability. Then E[x_0 | x_t] = 0.5 tanh(0.5 a x_t / b^2)
+    (a = sqrt(abar_t), b^2 = 1 - abar_t), so the eps-model built from it is Bayes-optimal and
+    its x_0 error can only grow with t (x_0 -> x_t -> x_{t+1} is a Markov chain). Along
+    Table 4's rows (s = T, 0.9T, ..., 0.1T) the rate must not increase and the distortion
+    must not decrease."""
+    T = 100
+    diffusion = GaussianDiffusion(make_betas("linear", T), "eps", "beta", "simple")
+    a_t = torch.from_numpy(diffusion.sqrt_alphas_cumprod).float()
+    b_t = torch.from_numpy(diffusion.sqrt_one_minus_alphas_cumprod).float()
+
+    def optimal_eps(xt, t):
+        a, b = a_t[t].view(-1, 1, 1, 1), b_t[t].view(-1, 1, 1, 1)
+        x0_hat = 0.5 * torch.tanh(0.5 * a * xt / b ** 2)
+        return (xt - a * x0_hat) / b
+
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randint(0, 2, (64, 1, 8, 8), generator=g).float() - 0.5)
+    out = diffusion.calc_bpd_loop(optimal_eps, x0, max_batch=6400, generator=g)
+    terms = {k: v.double().numpy() for k, v in out.items()}
+    assert (terms["terms_bpd_bt"][:, 1:] >= -1e-9).all()  # KL terms are non-negative
+    rows = E.table4_rows(E.rate_distortion(terms))
+    rate = [r["rate_bpd"] for r in rows]
+    dist = [r["distortion_rmse"] for r in rows]
+    assert all(r1 >= r2 for r1, r2 in zip(rate, rate[1:])), rate
+    assert all(d1 <= d2 for d1, d2 in zip(dist, dist[1:])), dist
+    assert dist[-1] > 2 * dist[0]
+
+
+def _trivial_model(x, t):
+    return 0.1 * x
+
+
+def test_figure_layouts(tmp_path):
+    from PIL import Image
+
+    T = 30
+    diffusion = GaussianDiffusion(make_betas("linear", T), "eps", "beta", "simple")
+    g = torch.Generator().manual_seed(0)
+    grid6 = FIG.progressive_generation(diffusion, _trivial_model, (2, 1, 8, 8), tmp_path / "f6.png", generator=g,
+                                       n_cols=5)
+    assert grid6.shape == (2, 6, 8, 8, 1)
+    assert FIG.reverse_indices(T, 5) == [29, 22, 14, 7, 0]
+    assert Image.open(tmp_path / "f6.png").size == (6 * 10 + 2, 2 * 10 + 2)
+    blocks = FIG.shared_latent(diffusion, _trivial_model, (1, 8, 8), tmp_path / "f7.png", generator=g)
+    assert sorted(blocks) == [7, 14, 21, 29] and all(b.shape == (4, 8, 8, 1) for b in blocks.values())
+    x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    grid8 = FIG.interpolation(diffusion, _trivial_model, [(x[0], x[1]), (x[2], x[3])], tmp_path / "f8.png",
+                              generator=g)
+    assert grid8.shape == (2, 13, 8, 8, 1)  # source, lambda = 0, 0.1, ..., 1, source
+    from ddpm.generate import to_uint8
+    np.testing.assert_array_equal(grid8[1, 0], to_uint8(x[2:3])[0])
+    np.testing.assert_array_equal(grid8[1, -1], to_uint8(x[3:4])[0])
+    rd = {"reverse_step": np.arange(1, T + 1), "rate_bpd": np.linspace(0, 1, T), "distortion_rmse": np.linspace(9, 1, T)}
+    assert FIG.rd_plots(rd, tmp_path / "f5.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import build_model, get_preset
+
+    cfg = get_preset("smoke", ["diffusion.T=21"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "step": 3, "model": model.state_dict(),
+                           "ema": model.state_dict()})
+    return path
+
+
+@pytest.mark.skipif(not (MNIST_ROOT / "MNIST" / "raw").is_dir(), reason="MNIST not available")
+def test_eval_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    """NLL + rd through `python -m ddpm eval`, for both fixed variances of one checkpoint."""
+    from ddpm.cli import main
+
+    results = {}
+    for var in ("beta", "beta_tilde"):
+        out = tmp_path / var
+        rc = main(["eval", "--checkpoint", str(tiny_checkpoint), "--metrics", "nll,rd", "--nll-n", "3",
+                   "--nll-splits", "test", "--var", var, "--out", str(out), "--data-dir", str(MNIST_ROOT),
+                   "--seed", "4", "--no-figures", "--no-progress", "--device", "cpu"])
+        assert rc == 0
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        m = json.loads((out / "metrics.json").read_text())
+        assert printed["nll_test"]["value"] == m["results"]["nll_test"]["value"]
+        nll, rd = m["results"]["nll_test"], m["results"]["rd"]
+        for entry in (nll, rd):
+            for key in ("n", "variance", "ema", "seed", "git_commit", "device", "elapsed_s", "steps"):
+                assert key in entry, key
+        assert nll["n"] == rd["n"] == 3 and nll["variance"] == var and nll["ema"] is True and nll["steps"] == 21
+        assert nll["se"] > 0 and np.isfinite(nll["value"])
+        parts = nll["L_T"]["mean"] + nll["L_0"]["mean"] + nll["kl_sum_L1_to_LTm1"]["mean"]
+        assert parts == pytest.approx(nll["value"], rel=1e-9)
+        rows = rd["table4"]
+        assert [r["reverse_step"] for r in rows] == E.table4_steps(21)
+        rates = [r["rate_bpd"] for r in rows]
+        assert all(r1 >= r2 for r1, r2 in zip(rates, rates[1:]))
+        # rate at s = T is the bound without the decoder term
+        assert rows[0]["rate_bpd"] + rd["L_0_bpd"] == pytest.approx(nll["value"], rel=1e-6)
+        saved = np.load(out / "bound_terms_test.npz")
+        assert saved["terms_bpd_bt"].shape == (3, 21)
+        results[var] = nll
+    # Same images and noise, different reverse variance: the bound changes.
+    assert results["beta"]["value"] != pytest.approx(results["beta_tilde"]["value"], rel=1e-6)
+
+
+@pytest.mark.skipif(not (MNIST_ROOT / "MNIST" / "raw").is_dir(), reason="MNIST not available")
+def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, tmp_path, monkeypatch):
+    """FID/KID from generated samples against MNIST test, offline: IS must be null with a reason."""
+    from ddpm import fidelity as F
+
+    try:
+        F.fid_helper_source()
+    except F.FidelityError as e:
+        pytest.skip(str(e))
+    w = F.build_inception_weights(tmp_path / "inception.pth")
+    monkeypatch.setenv(F.ENV_CACHE, str(tmp_path / "cache"))
+    rep = E.evaluate(tiny_checkpoint, ["fid", "kid", "is"], n=5, out_dir=tmp_path / "ev", data_dir=MNIST_ROOT,
+                     reference="mnist:test", reference_n=5, batch_size=3, inception_weights=w, figures=False,
+                     progress=False, device="cpu")
+    r = rep["results"]
+    assert r["fid"]["n"] == 5 and r["fid"]["n_reference"] == 5 and "mnist:test" in r["fid"]["reference"]
+    assert np.isfinite(r["fid"]["value"]) and r["fid"]["value"] > 0
+    assert r["kid"]["subset_size"] == 5
+    assert r["is"]["value"] is None and "not available offline" in r["is"]["unavailable"]
+    assert r["fid"]["pixel_map"].startswith("clip to [-1, 1]")
+    assert sorted(p.name for p in (tmp_path / "ev" / "samples").glob("shard_*")) == ["shard_00000.npz",
+                                                                                       "shard_00001.npz"]
+    assert list((tmp_path / "cache" / "fidelity").glob("mnist-test-n5-seed2020-offline-*.pt"))
