@@ -1,0 +1,40 @@
+"""Shared test setup: where the real data lies.
+
+The project's machines keep real data (all of MNIST, a CIFAR10 subset) in ``shared/data``
+beside the repository (``../shared/data``); $DDPM_SHARED_DATA overrides that. Tests that
+need it skip with a reason where it is absent, except in CI (CI=true), where its absence
+is an error: a CI run must not pass by skipping them.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_shared_data():
+    candidates = [os.environ.get("DDPM_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "MNIST" / "raw").is_dir():
+            return Path(c)
+    return None
+
+
+SHARED_DATA = _find_shared_data()
+
+
+def require_shared_data() -> Path:
+    """The shared data folder, or skip (outside CI) / fail (in CI) when it is missing."""
+    if SHARED_DATA is None:
+        msg = "needs the real data in ../shared/data (or $DDPM_SHARED_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; CI must provide it")
+        pytest.skip(msg)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_shared_data()
