@@ -226,12 +226,14 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
          "train.sample_every": 1000, "train.ckpt_every": 1000},
     ),
     "mnist-cpu": (
-        "Scaled down for a 2-core CPU: MNIST, 1.1M-param UNet, T=1000, about 30 min of training.",
+        "Scaled down for a 2-core CPU: MNIST, 1.1M-param UNet, T=1000, 1000 steps at batch 128 "
+        "(about 2 epochs) with bf16 autocast; about 35 min on one busy shared core (--threads 1).",
+        # bf16 autocast: 1.65x the fp32 throughput on this AVX512-BF16 CPU (1 thread, batch 128).
         {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
          "model.ch": 32, "model.ch_mult": (1, 2, 2), "model.num_res_blocks": 1,
-         "model.attn_resolutions": (7,), "train.steps": 1500, "train.batch_size": 128,
+         "model.attn_resolutions": (7,), "train.steps": 1000, "train.batch_size": 128,
          "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
-         "train.sample_every": 500, "train.ckpt_every": 250},
+         "train.sample_every": 500, "train.ckpt_every": 250, "train.bf16": True},
     ),
     "cifar10-cpu": (
         "Scaled down for a 2-core CPU: 32x32 RGB, 1.5M-param UNet, T=1000; reads a folder "
