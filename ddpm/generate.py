@@ -106,7 +106,7 @@ def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,
              out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
              clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
-             return_images: bool = True) -> Optional[np.ndarray]:
+             return_images: bool = True, max_shards: Optional[int] = None) -> Optional[np.ndarray]:
     """Exactly ``n`` samples, [n, H, W, C] uint8 (``image_shape`` is (C, H, W) of the model).
 
     With ``out_dir``, shards of ``batch_size`` images are written there and shards
@@ -115,11 +115,15 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     error, so that two different runs never mix in one folder. ``var_type``: None uses
     the model's own variance. ``meta``: JSON-able facts to record (checkpoint, EMA, ...).
     Returns the images (or None with ``return_images=False``, to save memory).
+    ``max_shards`` (with ``out_dir`` and ``return_images=False``): stop once the first
+    ``max_shards`` shards exist, for time-boxed jobs; a later call completes the set.
     """
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_shards is not None and (out_dir is None or return_images):
+        raise ValueError("max_shards needs out_dir and return_images=False (the set is incomplete)")
     C, H, W = (int(s) for s in image_shape)
     var_name = diffusion.var_type.value if var_type is None else getattr(var_type, "value", str(var_type))
     n_shards = math.ceil(n / batch_size)
@@ -150,11 +154,11 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     if hasattr(model, "eval"):
         model.eval()
     shards = []
-    it = range(n_shards)
+    it = range(n_shards if max_shards is None else min(n_shards, max_shards))
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc="generating", unit="img")
+        bar = tqdm(total=sum(sizes[i] for i in it), desc="generating", unit="img")
     try:
         for i in it:
             path = shard_path(out_dir, i) if out_dir is not None else None

@@ -88,7 +88,10 @@ def test_figure_layouts(tmp_path):
                                        n_cols=5)
     assert grid6.shape == (2, 6, 8, 8, 1)
     assert FIG.reverse_indices(T, 5) == [29, 22, 14, 7, 0]
-    assert Image.open(tmp_path / "f6.png").size == (6 * 10 + 2, 2 * 10 + 2)
+    k = FIG.display_scale(8)  # 8x8 images are shown at 64x64 by pixel repetition
+    assert k == 8 and Image.open(tmp_path / "f6.png").size == (6 * (8 * k + 2) + 2, 2 * (8 * k + 2) + 2)
+    big = np.asarray(Image.open(tmp_path / "f6.png"))
+    np.testing.assert_array_equal(big[2:2 + 8 * k:k, 2:2 + 8 * k:k], grid6[0, 0, :, :, 0])
     blocks = FIG.shared_latent(diffusion, _trivial_model, (1, 8, 8), tmp_path / "f7.png", generator=g)
     assert sorted(blocks) == [7, 14, 21, 29] and all(b.shape == (4, 8, 8, 1) for b in blocks.values())
     x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1

@@ -12,7 +12,7 @@ from ddpm.config import build_diffusion, build_model, get_preset
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = get_preset("smoke", ["diffusion.T=25"])
+    cfg = get_preset("smoke", ["diffusion.T=21"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     # The UNet's last layer is zero-initialized; randomize it so samples depend on the network.
@@ -53,6 +53,10 @@ def test_resume_gives_exactly_n_identical_images(tiny, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(RuntimeError, match="incomplete"):
         G.load_samples(tmp_path)
+    # A time-boxed call stops after the first max_shards shards.
+    assert G.generate(model, diffusion, n, (1, 28, 28), out_dir=tmp_path, batch_size=bs, seed=5, progress=False,
+                      return_images=False, max_shards=2) is None
+    assert len(list(tmp_path.glob("shard_*"))) == 2
     out = G.generate(model, diffusion, n, (1, 28, 28), out_dir=tmp_path, batch_size=bs, seed=5,
                      progress=False)
     assert out.shape[0] == n
