@@ -301,8 +301,12 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         net = torch.compile(net)
 
     # --- data (after the run dir checks: a bad --out fails fast) -------------------------
+    # With --download only rank 0 downloads; the others wait for it, then read the files.
+    # (Multi-node: the data dir must be shared, or filled on every node beforehand.)
+    if download and not d.main:
+        d.barrier()
     dataset = load_dataset(cfg.data, data_dir, download=download and d.main, progress=d.main and progress)
-    if download and d.world_size > 1:
+    if download and d.main:
         d.barrier()
     batches = batch_stream(dataset, tc.seed, step, tc.batch_size, d.rank, d.world_size,
                            cfg.data.num_workers)
