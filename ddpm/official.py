@@ -188,6 +188,23 @@ def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict
     return cfg.validate()
 
 
+def diffusers_config(cfg: Config) -> Dict[str, Any]:
+    """The inverse of config_from_diffusers for the network: UNet2DModel keyword arguments
+    that build diffusers' twin of ``build_model(cfg)`` (used by the speed benchmark)."""
+    m, res = cfg.model, cfg.data.resolution
+    attn_levels = [res // 2 ** level in m.attn_resolutions for level in range(len(m.ch_mult))]
+    if cfg.diffusion.var_type == "learned":
+        raise OfficialWeightsError("diffusers' UNet2DModel twin is defined for fixed variances only")
+    kwargs = {key: value for key, value, _ in REQUIRED_CONFIG}
+    kwargs.update(
+        sample_size=res, in_channels=cfg.data.channels, out_channels=cfg.data.channels,
+        block_out_channels=[m.ch * k for k in m.ch_mult], layers_per_block=m.num_res_blocks,
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)],
+        dropout=m.dropout)
+    return kwargs
+
+
 # The publisher's scheduler_config.json says which reverse variance the model was
 # released with (google/ddpm-cifar10-32: fixed_large; the 256 models: fixed_small).
 VARIANCE_TYPES = {"fixed_large": "beta", "fixed_small": "beta_tilde"}

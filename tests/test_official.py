@@ -23,6 +23,12 @@ from ddpm.unet import num_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for the hub here
 
+# The parity tests run on DDPM_TEST_DEVICE (default cpu; experiments/gpu_check.sh sets cuda).
+DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cpu"))
+# fp32 throughout (TF32 off, below). On a GPU the attention and reduction kernels sum in
+# other orders than on the CPU, hence the looser bound there.
+ATOL = 1e-5 if DEVICE.type == "cpu" else 1e-4
+
 # google/ddpm-cifar10-32, config.json (diffusers 0.5 era; keys it omits take diffusers' defaults).
 CIFAR10_CONFIG = {
     "_class_name": "UNet2DModel",
@@ -80,6 +86,25 @@ def _inputs(batch, res, seed=1):
     x = torch.randn(batch, 3, res, res, generator=g)
     t = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (batch,), generator=g)])[:batch]
     return x, t
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("DDPM_TEST_DEVICE=cuda but torch sees no GPU")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _same_outputs(ours, theirs, x, t):
+    """Run both networks on DEVICE and compare to ATOL; also that the function is not trivial."""
+    ours, theirs, x, t = ours.to(DEVICE), theirs.to(DEVICE), x.to(DEVICE), t.to(DEVICE)
+    with torch.no_grad():
+        want, got = theirs(x, t).sample, ours(x, t)
+    assert want.abs().max() > 0.1  # a non-trivial function, not zeros
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +270,7 @@ def test_safetensors_reader_matches_the_package(tmp_path):
 def test_cifar10_parity_with_diffusers(cifar_pair):
     cfg = O.config_from_diffusers(CIFAR10_CONFIG)
     ours = O.load_converted(build_model(cfg), O.convert_state_dict(cifar_pair.state_dict(), cfg)).eval()
-    x, t = _inputs(4, 32)
-    with torch.no_grad():
-        want, got = cifar_pair(x, t).sample, ours(x, t)
-    assert want.abs().max() > 0.1  # a non-trivial function, not zeros
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    _same_outputs(ours, cifar_pair, *_inputs(4, 32))
 
 
 def test_cifar10_pipeline_folder_through_load_model(cifar_pair, diffusers, tmp_path):
@@ -260,9 +281,7 @@ def test_cifar10_pipeline_folder_through_load_model(cifar_pair, diffusers, tmp_p
     cfg, ours, _, state = load_model(tmp_path)
     assert state["weights_file"].endswith("unet/diffusion_pytorch_model.safetensors")
     assert cfg.diffusion.var_type == "beta" and cfg.model == get_preset("cifar10").model
-    x, t = _inputs(2, 32, seed=2)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, t), cifar_pair(x, t).sample, atol=1e-5, rtol=0)
+    _same_outputs(ours, cifar_pair, *_inputs(2, 32, seed=2))
 
 
 def test_256_parity_with_diffusers(diffusers):
@@ -271,9 +290,18 @@ def test_256_parity_with_diffusers(diffusers):
     theirs = _perturb(diffusers.UNet2DModel(**_kwargs(CELEBAHQ256_CONFIG)))
     cfg = O.config_from_diffusers(CELEBAHQ256_CONFIG)
     ours = O.load_converted(build_model(cfg), O.convert_state_dict(theirs.state_dict(), cfg)).eval()
-    x, t = _inputs(1, 256)
-    t = torch.tensor([731])
+    x, _ = _inputs(1, 256)
+    _same_outputs(ours, theirs, x, torch.tensor([731]))
+
+
+@pytest.mark.skipif(DEVICE.type == "cpu", reason="compares DDPM_TEST_DEVICE (e.g. cuda) with the CPU")
+def test_our_unet_on_the_device_matches_the_cpu():
+    """Needs no diffusers: the accelerator's kernels compute the same network as the CPU's."""
+    cfg = O.config_from_diffusers(CIFAR10_CONFIG)
+    torch.manual_seed(0)
+    model = _perturb(build_model(cfg))
+    x, t = _inputs(4, 32)
     with torch.no_grad():
-        want, got = theirs(x, t).sample, ours(x, t)
-    assert want.abs().max() > 0.1
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        want = model(x, t)
+        got = copy.deepcopy(model).to(DEVICE)(x.to(DEVICE), t.to(DEVICE)).cpu()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
