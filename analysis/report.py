@@ -1,0 +1,254 @@
+"""Regenerate the paper's tables and plots from results/, the paper's numbers alongside.
+
+    python -m analysis.report                 # every profile present under results/
+    python -m analysis.report --profile quick
+
+Writes, per profile, results/<profile>/tables.md, results/<profile>/tables.tex and
+results/<profile>/figures/*.png. Nothing here is typed by hand: every number comes from
+a metrics.json or train.json, and every table says at what scale its numbers were
+obtained. Numbers from the quick and smoke profiles are scaled-down runs; they are
+shown next to the paper's for orientation, never as a reproduction of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import paper as P
+from .results import RunResult, load_profile, profiles_present
+
+Table = Dict[str, object]  # {"title", "header": [...], "rows": [[...]], "notes": [...]}
+
+
+def _f(x: Optional[float], digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _pm(r: Optional[dict], digits: int = 2, err: str = "std") -> str:
+    if r is None:
+        return "not run"
+    if r.get("value") is None:
+        return "n/a (" + str(r.get("unavailable", "unavailable")).split(";")[0][:60] + ")"
+    e = r.get(err)
+    return _f(r["value"], digits) + (f" +- {_f(e, digits)}" if e is not None else "")
+
+
+def _status_cell(run: Optional[RunResult]) -> Optional[str]:
+    """A cell for a run that has no numbers: not run, or diverged (the paper's '-')."""
+    if run is None:
+        return "not run"
+    if run.status == "diverged":
+        step = (run.train.get("stats", {}).get("last") or {}).get("step", "?")
+        return f"unstable (diverged near step {step})"
+    if run.status != "finished":
+        return run.status
+    return None
+
+
+def _scale_notes(runs: Sequence[Optional[RunResult]]) -> List[str]:
+    notes = []
+    for r in runs:
+        if r is not None:
+            line = f"{r.name}: {r.scale()}"
+            for key in ("fid", "nll_test"):
+                m = r.metric(key)
+                if m:
+                    line += f"; {key}: N={m.get('n') or m.get('n_images') or '?'}"
+                    if key == "fid":
+                        line += f" vs {m.get('n_reference', '?')} reference images ({m.get('reference', '?')})"
+            if r.train.get("data_note"):
+                line += f"; data: {r.train['data_note']}"
+            notes.append(line)
+    return notes
+
+
+def table1(runs: Dict[str, RunResult]) -> Table:
+    rows = []
+    for name, ref in P.TABLE1.items():
+        r = runs.get(name)
+        blocked = _status_cell(r)
+        if blocked:
+            ours = [blocked] * 4
+        else:
+            nt, ntr = r.metric("nll_test"), r.metric("nll_train")
+            ours = [_pm(r.metric("is")), _f(r.value("fid")),
+                    (_pm(nt, 3, "se") if nt else "not run"), (_pm(ntr, 3, "se") if ntr else "not run")]
+        rows.append([ref["label"], *ours, f"{ref['is'][0]} +- {ref['is'][1]}", f"{ref['fid']}",
+                     f"<= {ref['nll_test']} ({ref['nll_train']})"])
+    return {"title": "Table 1: CIFAR10 sample quality and NLL (bits/dim)",
+            "header": ["objective", "IS", "FID (vs train)", "NLL test", "NLL train",
+                       "paper IS", "paper FID", "paper NLL test (train)"],
+            "rows": rows, "notes": _scale_notes([runs.get(n) for n in P.TABLE1])}
+
+
+def table2(runs: Dict[str, RunResult]) -> Table:
+    def cell(name):
+        r = runs.get(name)
+        return _status_cell(r) or f"{_pm(r.metric('is'))} / {_f(r.value('fid'))}"
+
+    def paper(name):
+        v = P.TABLE2[name]
+        return "- (unstable)" if v is None else f"{v[0]} +- {v[1]} / {v[2]}"
+
+    rows = [[label, cell(P.TABLE2_RUNS[(row, "mu")]), paper(P.TABLE2_RUNS[(row, "mu")]),
+             cell(P.TABLE2_RUNS[(row, "eps")]), paper(P.TABLE2_RUNS[(row, "eps")])]
+            for row, label in P.TABLE2_ROWS]
+    return {"title": "Table 2: parameterization x objective (IS / FID)",
+            "header": ["objective", "mu-tilde prediction", "paper", "eps prediction", "paper"],
+            "rows": rows, "notes": _scale_notes([runs.get(n) for n in P.TABLE2])}
+
+
+def table4(runs: Dict[str, RunResult]) -> Table:
+    r = runs.get("eps_simple")
+    rd = r.metric("rd") if r else None
+    rows = []
+    ours = {row["reverse_step"]: row for row in (rd or {}).get("table4", [])}
+    T = max(ours) if ours else 1000
+    for k, (step, (rate, dist)) in enumerate(P.TABLE4.items()):
+        ours_step = round(T * (10 - k) / 10)
+        o = ours.get(ours_step)
+        rows.append([f"{step}" + (f" ({ours_step} of T={T})" if T != 1000 else ""),
+                     _f(o["rate_bpd"], 5) if o else "not run", _f(o["distortion_rmse"], 5) if o else "not run",
+                     f"{rate:.5f}", f"{dist:.5f}"])
+    notes = _scale_notes([r])
+    if rd:
+        notes.append(f"definition: {rd.get('definition', '')}")
+    return {"title": "Table 4: rate (bits/dim) and distortion (RMSE on [0, 255]) along the reverse process",
+            "header": ["reverse step", "rate", "distortion", "paper rate", "paper distortion"],
+            "rows": rows, "notes": notes}
+
+
+def ablation_table(runs, title, pairs, evals) -> Table:
+    """One row per (run, eval): FID, KID, NLL; e.g. the variance or the schedule ablation."""
+    rows = []
+    for run_name, eval_name, label in pairs:
+        r = runs.get(run_name)
+        blocked = _status_cell(r)
+        samples_eval, nll_eval = evals.get(eval_name, (eval_name, eval_name))
+        if blocked:
+            rows.append([label, blocked, blocked, blocked])
+            continue
+        kid = r.metric("kid", samples_eval)
+        rows.append([label, _f(r.value("fid", samples_eval)), _pm(kid, 4),
+                     _pm(r.metric("nll_test", nll_eval), 3, "se")])
+    return {"title": title, "header": ["model", "FID", "KID", "NLL test (bits/dim)"], "rows": rows,
+            "notes": _scale_notes([runs.get(n) for n in dict.fromkeys(p[0] for p in pairs)])}
+
+
+def tables(runs: Dict[str, RunResult]) -> List[Table]:
+    beta = ("samples", "nll")
+    bt = ("samples_beta_tilde", "nll_beta_tilde")
+    out = [table1(runs), table2(runs), table4(runs)]
+    out.append(ablation_table(runs, "Variance: sigma^2 = beta vs beta-tilde (same checkpoints)", [
+        ("eps_simple", "beta", "L_simple, sigma^2 = beta"), ("eps_simple", "bt", "L_simple, sigma^2 = beta-tilde"),
+        ("eps_vlb", "beta", "L, sigma^2 = beta"), ("eps_vlb", "bt", "L, sigma^2 = beta-tilde")],
+        {"beta": beta, "bt": bt}))
+    out.append(ablation_table(runs, "Schedule: linear vs cosine", [
+        ("eps_simple", "beta", "L_simple, linear"), ("eps_simple_cosine", "beta", "L_simple, cosine"),
+        ("eps_vlb", "beta", "L, linear"), ("eps_vlb_cosine", "beta", "L, cosine")], {"beta": beta}))
+    out.append(ablation_table(runs, "MNIST (the seed report's setting)", [
+        ("mnist_seed", "beta", "L_simple, MNIST")], {"beta": beta}))
+    return out
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def to_markdown(t: Table) -> str:
+    lines = [f"### {t['title']}", "", "| " + " | ".join(t["header"]) + " |",
+             "|" + "---|" * len(t["header"])]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in t["rows"]]
+    if t["notes"]:
+        lines += [""] + [f"- {n}" for n in t["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                 ("+-", r"$\pm$"), ("<=", r"$\leq$"), ("||", r"$\|$")):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(t: Table) -> str:
+    cols = "l" * len(t["header"])
+    lines = [f"% {t['title']}", r"\begin{tabular}{" + cols + "}", r"\toprule",
+             " & ".join(_tex_escape(h) for h in t["header"]) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex_escape(str(c)) for c in row) + r" \\" for row in t["rows"]]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {n}" for n in t["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def rd_figure(runs: Dict[str, RunResult], path: Path) -> Optional[Path]:
+    """Fig. 5 with the paper's Table 4 points overlaid."""
+    r = runs.get("eps_simple")
+    rd = r.metric("rd") if r else None
+    if not rd:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rd["table4"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    paper_steps = sorted(P.TABLE4)
+    ax = axes[0]
+    ax.plot([x["rate_bpd"] for x in rows], [x["distortion_rmse"] for x in rows], "o-", label=f"ours ({r.profile})")
+    ax.plot([P.TABLE4[s][0] for s in paper_steps], [P.TABLE4[s][1] for s in paper_steps], "s--", label="paper")
+    ax.set_xlabel("rate (bits/dim)"), ax.set_ylabel("distortion (RMSE, [0,255])"), ax.legend()
+    T = max(x["reverse_step"] for x in rows)
+    for ax, key, k in ((axes[1], "rate_bpd", 0), (axes[2], "distortion_rmse", 1)):
+        ax.plot([x["reverse_step"] / T * 1000 for x in rows], [x[key] for x in rows], "o-", label="ours")
+        ax.plot(paper_steps, [P.TABLE4[s][k] for s in paper_steps], "s--", label="paper")
+        ax.set_xlabel("reverse step (scaled to T=1000)"), ax.set_ylabel(key.replace("_", " "))
+    fig.suptitle(f"Rate-distortion, {r.scale()}", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results_dir, profile: str) -> List[Path]:
+    runs = load_profile(results_dir, profile)
+    base = Path(results_dir) / profile
+    ts = tables(runs)
+    header = (f"# Results: {profile} profile\n\nRegenerated by `python -m analysis.report` from "
+              f"results/{profile}/ (do not edit). " +
+              ("" if profile == "paper" else
+               f"**Scaled-down runs ({profile} profile): not the paper's setting; the paper's numbers "
+               f"are shown for orientation only.**") + "\n\n")
+    md = base / "tables.md"
+    md.write_text(header + "\n".join(to_markdown(t) for t in ts))
+    tex = base / "tables.tex"
+    tex.write_text("\n".join(to_latex(t) for t in ts))
+    written = [md, tex]
+    fig = rd_figure(runs, base / "figures" / "rate_distortion_vs_paper.png")
+    if fig:
+        written.append(fig)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--profile", default=None, help="default: every profile present")
+    args = p.parse_args(argv)
+    profiles = [args.profile] if args.profile else profiles_present(args.results_dir)
+    if not profiles:
+        print(f"no results under {args.results_dir}/ yet: run `bash run_all.sh` first")
+        return 1
+    for prof in profiles:
+        for path in write_report(args.results_dir, prof):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

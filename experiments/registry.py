@@ -1,0 +1,146 @@
+"""Every paper table row, ablation and figure, as data: a preset plus a few overrides.
+
+Two layers:
+- RUNS: training runs, each an ablation (overrides) on a dataset family, trained
+  once and shared by every table that needs it (Table 1's rows are Table 2 cells).
+- EXPERIMENTS: what the paper shows (a table, an ablation, a figure), each naming
+  the runs it reads and the evaluations it needs from them.
+
+A PROFILE turns a run into a concrete config and evaluation size:
+- paper: the paper's settings (needs GPUs; days of compute for the whole grid);
+- quick: scaled so the whole grid finishes on a 2-core CPU in about 3 hours;
+- smoke: every entry in a few minutes; run in CI.
+What a scaled entry uses instead of the paper's data is in DATA_NOTES, and every
+result records its profile, so a scaled number is never read as the paper's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+PROFILES = ("paper", "quick", "smoke")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    family: str  # cifar10 | mnist | celebahq
+    overrides: Tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Eval:
+    """One `python -m ddpm eval` call on a run's final EMA checkpoint."""
+
+    name: str
+    metrics: str  # comma list for --metrics: fid,is,kid,nll,rd
+    var: Optional[str] = None  # beta | beta_tilde; None = the variance the run was trained with
+    figures: bool = False  # also draw Figs. 5-8
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    paper: str  # where it is in the paper
+    runs: Tuple[str, ...]
+    evals: Tuple[Eval, ...]
+    note: str = ""
+
+
+ABL = "diffusion."
+# Table 2: mean parameterization x objective. "MSE" is each parameterization's own
+# unweighted MSE: ||mu-tilde - mu_theta||^2 for mu, ||eps - eps_theta||^2 (L_simple) for eps.
+RUNS: Dict[str, Run] = {r.name: r for r in [
+    Run("eps_simple", "cifar10", (), "the paper's model: eps prediction, L_simple, sigma^2 = beta"),
+    Run("eps_vlb", "cifar10", (ABL + "loss_type=vlb",), "eps prediction, true bound, fixed isotropic Sigma"),
+    Run("eps_vlb_learned", "cifar10", (ABL + "loss_type=vlb", ABL + "var_type=learned"),
+        "eps prediction, true bound, learned diagonal Sigma (paper: unstable)"),
+    Run("mu_simple", "cifar10", (ABL + "mean_type=mu",), "mu prediction, ||mu-tilde - mu_theta||^2 (paper: unstable)"),
+    Run("mu_vlb", "cifar10", (ABL + "mean_type=mu", ABL + "loss_type=vlb"), "mu prediction, true bound, fixed Sigma"),
+    Run("mu_vlb_learned", "cifar10", (ABL + "mean_type=mu", ABL + "loss_type=vlb", ABL + "var_type=learned"),
+        "mu prediction, true bound, learned diagonal Sigma"),
+    Run("eps_simple_cosine", "cifar10", (ABL + "schedule=cosine",), "schedule ablation: L_simple, cosine"),
+    Run("eps_vlb_cosine", "cifar10", (ABL + "schedule=cosine", ABL + "loss_type=vlb"),
+        "schedule ablation: true bound, cosine"),
+    Run("mnist_seed", "mnist", (), "the seed report's setting: MNIST, 10 epochs"),
+    Run("celebahq", "celebahq", (), "CelebA-HQ 256: samples and interpolation"),
+]}
+
+# Evaluations are shared by name: a run evaluated for two experiments is evaluated once.
+SAMPLES = Eval("samples", "fid,is,kid", figures=True)
+SAMPLES_BT = Eval("samples_beta_tilde", "fid,is,kid", "beta_tilde")
+NLL = Eval("nll", "nll,rd")  # the bound's per-step terms give the rate-distortion curve too
+NLL_BT = Eval("nll_beta_tilde", "nll", "beta_tilde")
+EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
+    Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", ("eps_simple", "eps_vlb"),
+               (SAMPLES, NLL)),
+    Experiment("table2", "Table 2 (parameterization x objective, IS / FID)",
+               ("mu_vlb_learned", "mu_vlb", "mu_simple", "eps_vlb_learned", "eps_vlb", "eps_simple"),
+               (SAMPLES,), "run in every cell, including those the paper reports as unstable"),
+    Experiment("variance", "Sec. 3.2 / 4.2: sigma^2 = beta vs beta-tilde, same checkpoints",
+               ("eps_simple", "eps_vlb"), (SAMPLES, SAMPLES_BT, NLL, NLL_BT)),
+    Experiment("schedule", "Schedule ablation: linear vs cosine, for L_simple and for L",
+               ("eps_simple", "eps_simple_cosine", "eps_vlb", "eps_vlb_cosine"), (SAMPLES, NLL),
+               "cosine is Nichol & Dhariwal 2021, not in the paper"),
+    Experiment("rate_distortion", "Table 4 and Fig. 5 (rate-distortion, CIFAR10 test)", ("eps_simple",), (NLL,)),
+    Experiment("progressive", "Fig. 6 (progressive generation), Fig. 7 (shared x_t)", ("eps_simple",),
+               (SAMPLES,)),
+    Experiment("mnist", "The seed report: MNIST samples after 10 epochs", ("mnist_seed",), (SAMPLES, NLL)),
+    Experiment("celebahq", "CelebA-HQ 256 samples (Fig. 1) and interpolation (Fig. 8)", ("celebahq",),
+               (Eval("figures", "", figures=True),)),
+]}
+
+# How each profile sizes a run of each family: (preset, extra overrides).
+# quick: 2-core CPU budget ~3 h for the 10 runs and their evaluations; smoke: seconds each.
+_QUICK_TRAIN = ("train.steps=600", "train.warmup=100", "train.ema_decay=0.99", "train.ckpt_every=100",
+                "train.sample_every=600", "train.log_every=20")
+_SMOKE_TRAIN = ("train.steps=4", "train.warmup=2", "train.ema_decay=0.5", "train.ckpt_every=2",
+                "train.sample_every=4", "train.log_every=1", "train.batch_size=8", "data.num_workers=0")
+_SMOKE_MODEL = ("model.ch=32", "model.ch_mult=1,2", "model.num_res_blocks=1", "model.attn_resolutions=",
+                "diffusion.T=40")
+PROFILE_BASE: Dict[Tuple[str, str], Tuple[str, Tuple[str, ...]]] = {
+    ("paper", "cifar10"): ("cifar10", ()),
+    ("paper", "mnist"): ("mnist", ()),
+    ("paper", "celebahq"): ("celebahq256", ()),
+    ("quick", "cifar10"): ("cifar10-cpu", _QUICK_TRAIN),
+    ("quick", "mnist"): ("mnist-cpu", _QUICK_TRAIN),
+    ("quick", "celebahq"): ("cifar10-cpu", _QUICK_TRAIN),
+    ("smoke", "cifar10"): ("cifar10-cpu", _SMOKE_MODEL + _SMOKE_TRAIN),
+    ("smoke", "mnist"): ("smoke", ("diffusion.T=40",) + _SMOKE_TRAIN),
+    ("smoke", "celebahq"): ("cifar10-cpu", _SMOKE_MODEL + _SMOKE_TRAIN),
+}
+
+# Evaluation sizes: samples for FID/KID/IS, images per split (test and train) for the
+# bound over all T steps, reference images for the FID statistics.
+# None = the whole split (paper: 10k test images, 50k train images, 50k reference images).
+EVAL_SIZE: Dict[str, Dict[str, Optional[int]]] = {
+    "paper": {"n": 50_000, "nll_n": None, "ref_n": None},
+    "quick": {"n": 64, "nll_n": 16, "ref_n": 1000},
+    "smoke": {"n": 8, "nll_n": 2, "ref_n": 32},
+}
+
+DATA_NOTES = {
+    ("quick", "cifar10"): "CIFAR10 subset: the 4,000 real training images in ../shared/data/cifar10-partial "
+                          "(full CIFAR10 is not available offline here); test-set NLL on its 4-class test part",
+    ("quick", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in; the entry shows the "
+                           "pipeline (samples, interpolation), not CelebA-HQ results",
+    ("smoke", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in",
+}
+
+
+def run_config_args(run: Run, profile: str) -> Tuple[str, List[str]]:
+    """(preset, --set overrides) for a run at a profile. Profile overrides come first so
+    the ablation's own overrides always win."""
+    preset, base = PROFILE_BASE[(profile, run.family)]
+    return preset, list(base) + list(run.overrides)
+
+
+def runs_for(experiments) -> List[str]:
+    seen: List[str] = []
+    for e in experiments:
+        for r in EXPERIMENTS[e].runs:
+            if r not in seen:
+                seen.append(r)
+    return seen

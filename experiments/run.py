@@ -1,0 +1,193 @@
+"""Run experiments: train each run they need, evaluate it, write results/.
+
+    python -m experiments.run table2 --profile quick
+    python -m experiments.run --all --profile smoke
+    python -m experiments.run --list
+
+Finished work is skipped, so an interrupted reproduction resumes where it stopped:
+a run whose final checkpoint exists is not retrained (an unfinished one resumes from
+its last checkpoint), an evaluation whose metrics.json exists is not redone.
+Checkpoints, samples and logs go under --runs-dir (default runs/, not in git); small
+machine-readable results go under --results-dir (default results/):
+
+    results/<profile>/<run>/train.json            config, steps, time, final loss, status
+    results/<profile>/<run>/<eval>/metrics.json   what `python -m ddpm eval` measured,
+                                                  with its figures (PNG) beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .registry import DATA_NOTES, EVAL_SIZE, EXPERIMENTS, PROFILES, RUNS, Eval, run_config_args, runs_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_profile() -> str:
+    try:
+        import torch
+        return "paper" if torch.cuda.is_available() else "quick"
+    except ImportError:
+        return "quick"
+
+
+def _call(cmd: List[str], log: Path) -> int:
+    """Run a ddpm command, its output both on screen and in a log file."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
+                                bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        return proc.wait()
+
+
+def _stats_summary(run_dir: Path) -> dict:
+    rows = []
+    stats = run_dir / "stats.jsonl"
+    if stats.exists():
+        rows = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
+    return {"last": rows[-1] if rows else None, "n_logged": len(rows)}
+
+
+def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_dir: Optional[str]) -> dict:
+    """Train (or resume, or skip) one run; returns its train.json record."""
+    run = RUNS[name]
+    out = runs_dir / profile / name
+    record_path = results_dir / profile / name / "train.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record["status"] in ("finished", "diverged"):
+            print(f"[{profile}/{name}] training: {record['status']} earlier, skipped", flush=True)
+            return record
+    preset, overrides = run_config_args(run, profile)
+    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", preset, "--out", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    if out.exists():
+        cmd.append("--resume")
+    t0 = time.time()
+    rc = _call(cmd, runs_dir / profile / f"{name}.train.log")
+    elapsed = time.time() - t0
+    status = "finished" if rc == 0 and (out / "final.pt").exists() else ("diverged" if rc == 1 else "failed")
+    record = {
+        "run": name, "profile": profile, "family": run.family, "note": run.note,
+        "preset": preset, "overrides": overrides,
+        "data_note": DATA_NOTES.get((profile, run.family), ""),
+        "status": status, "exit_code": rc, "elapsed_s_this_call": round(elapsed, 1),
+        "config": json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else None,
+        "run_info": json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None,
+        "stats": _stats_summary(out),
+    }
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
+    if status == "failed":
+        raise SystemExit(f"[{profile}/{name}] training failed (exit {rc}); see {runs_dir / profile / (name + '.train.log')}")
+    return record
+
+
+# What is copied from an evaluation's folder (under runs/) into results/: small files only,
+# never the sample shards or the per-image bound terms.
+RESULT_FILES = ("metrics.json", "*.png", "rate_distortion.npz")
+
+
+def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Path,
+             data_dir: Optional[str]) -> None:
+    out = results_dir / profile / name / ev.name
+    work = runs_dir / profile / name / f"eval_{ev.name}"
+    if (out / "metrics.json").exists():
+        print(f"[{profile}/{name}] {ev.name}: done earlier, skipped", flush=True)
+        return
+    size = EVAL_SIZE[profile]
+    ckpt = runs_dir / profile / name / "final.pt"
+    cmd = [sys.executable, "-m", "ddpm", "eval", "--checkpoint", str(ckpt), "--metrics", ev.metrics,
+           "--n", str(size["n"]), "--out", str(work), "--seed", "0"]
+    for flag, key in (("--nll-n", "nll_n"), ("--reference-n", "ref_n")):
+        if size[key] is not None:
+            cmd += [flag, str(size[key])]
+    if ev.var:
+        cmd += ["--var", ev.var]
+    if not ev.figures:
+        cmd.append("--no-figures")
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    rc = _call(cmd, runs_dir / profile / name / f"eval_{ev.name}.log")
+    if rc != 0:
+        raise SystemExit(f"[{profile}/{name}] evaluation {ev.name} failed (exit {rc})")
+    out.mkdir(parents=True, exist_ok=True)
+    # metrics.json last: its presence marks the evaluation as done
+    for pattern in RESULT_FILES[::-1]:
+        for f in sorted(work.glob(pattern)):
+            shutil.copy2(f, out / f.name)
+
+
+def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
+                    data_dir: Optional[str]) -> None:
+    runs = runs_for(names)
+    evals = {}  # run -> {eval name: Eval}, shared across experiments
+    for e in names:
+        for r in EXPERIMENTS[e].runs:
+            for ev in EXPERIMENTS[e].evals:
+                prev = evals.setdefault(r, {}).setdefault(ev.name, ev)
+                assert prev == ev, f"two different evaluations named {ev.name}"
+    total = len(runs) + sum(len(v) for v in evals.values())
+    done = 0
+    t_start = time.time()
+    for r in runs:
+        done += 1
+        print(f"\n=== [{done}/{total}] {profile}: train {r} ({time.time() - t_start:.0f} s so far)", flush=True)
+        record = train_run(r, profile, runs_dir, results_dir, data_dir)
+        for ev in evals[r].values():
+            done += 1
+            if record["status"] != "finished":
+                print(f"=== [{done}/{total}] {profile}: {r} {ev.name} skipped: training {record['status']}")
+                continue
+            print(f"\n=== [{done}/{total}] {profile}: evaluate {r} {ev.name} ({time.time() - t_start:.0f} s so far)",
+                  flush=True)
+            eval_run(r, ev, profile, runs_dir, results_dir, data_dir)
+    print(f"\nall {len(names)} experiments done for profile {profile} in {time.time() - t_start:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiments", nargs="*", help=f"any of: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--all", action="store_true", help="every experiment")
+    p.add_argument("--list", action="store_true", help="list experiments and runs, then exit")
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="paper | quick | smoke (default: paper on a CUDA machine, else quick)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="checkpoints and samples (not in git)")
+    p.add_argument("--results-dir", default=str(ROOT / "results"), help="small results files")
+    p.add_argument("--data-dir", default=None, help="passed to ddpm (default: $DDPM_DATA_DIR, else ./data)")
+    args = p.parse_args(argv)
+    if args.list:
+        for e in EXPERIMENTS.values():
+            print(f"{e.name:<16} {e.paper}\n{'':<16} runs: {', '.join(e.runs)}")
+        return 0
+    names = list(EXPERIMENTS) if args.all else args.experiments
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not names:
+        p.error(f"name experiments ({', '.join(EXPERIMENTS)}) or pass --all" +
+                (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    profile = args.profile or default_profile()
+    run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole reproduction: every experiment (paper tables, ablations, figures), then the tables,
+# plots and checks regenerated from results/.
+#
+#   bash run_all.sh                    # paper profile on a CUDA machine, quick profile otherwise
+#   bash run_all.sh --profile quick    # paper | quick | smoke
+#   bash run_all.sh --profile quick table2 variance   # only some experiments
+#
+# Finished runs and evaluations are skipped, so an interrupted reproduction resumes where it
+# stopped: run the same command again. Data: $DDPM_DATA_DIR (default ./data); see README.md.
+# Extra options for experiments.run (--runs-dir, --results-dir) pass through.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+profile=""
+args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --profile) profile="$2"; shift 2 ;;
+        --profile=*) profile="${1#*=}"; shift ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+
+[[ -n "${DDPM_SKIP_INSTALL:-}" ]] || bash scripts/install.sh
+PY=${PYTHON:-python3}
+
+if [[ -z "$profile" ]]; then
+    if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        profile=paper
+    else
+        profile=quick
+    fi
+    echo "################################################################################"
+    echo "# No --profile given: running the '$profile' profile"
+    [[ "$profile" == quick ]] && echo "# (no CUDA GPU found: scaled-down runs, about 3 hours on 2 CPU cores;" \
+                                       && echo "#  NOT the paper's setting; use a GPU machine for --profile paper)"
+    echo "################################################################################"
+fi
+case "$profile" in paper|quick|smoke) ;; *) echo "unknown profile '$profile': paper | quick | smoke" >&2; exit 2 ;; esac
+
+export DDPM_DATA_DIR="${DDPM_DATA_DIR:-./data}"
+echo "data: DDPM_DATA_DIR=$DDPM_DATA_DIR   profile: $profile"
+
+results_dir=results
+n_experiments=0
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[$i]}" in
+        --results-dir) results_dir="${args[$((i + 1))]}"; i=$((i + 1)) ;;
+        --all|--list) n_experiments=1 ;;
+        --*) i=$((i + 1)) ;;  # every other option of experiments.run takes a value
+        *) n_experiments=$((n_experiments + 1)) ;;
+    esac
+done
+if [[ $n_experiments -eq 0 ]]; then args+=(--all); fi
+
+"$PY" -m experiments.run --profile "$profile" "${args[@]}"
+"$PY" -m analysis.report --results-dir "$results_dir" --profile "$profile"
+"$PY" -m analysis.check --results-dir "$results_dir" --profile "$profile"
