@@ -410,7 +410,8 @@ def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
 
     Same contract as ddpm.checkpoint.load_model (the model is built on the CPU;
     ``map_location`` is accepted for that signature and unused). ``state`` mimics a checkpoint dict:
-    format "diffusers-folder", config, step None (the files do not record it), ema
+    format "diffusers-folder", config, step -1 (the files do not record the training step;
+    -1 is what ddpm.evaluate writes for "unknown"), ema
     (our state dict), plus source, weights_file and diffusers_config.
     """
     folder = Path(folder)
@@ -424,7 +425,7 @@ def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
     theirs, weights_file = read_diffusers_weights(unet_dir)
     ours = convert_state_dict(theirs, cfg)
     model = load_converted(build_model(cfg), ours)
-    state = {"format": "diffusers-folder", "config": cfg.to_dict(), "step": None,
+    state = {"format": "diffusers-folder", "config": cfg.to_dict(), "step": -1,
              "ema": model.state_dict(), "source": str(folder), "weights_file": str(weights_file),
              "diffusers_config": unet_cfg}
     return cfg, model.eval(), build_diffusion(cfg), state

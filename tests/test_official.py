@@ -211,6 +211,7 @@ def test_load_model_reads_a_diffusers_folder(tmp_path, fmt):
     cfg2, loaded, diffusion, state = load_model(tmp_path / "m")
     assert cfg2 == cfg and not loaded.training and diffusion.T == 1000
     assert state["format"] == "diffusers-folder" and state["weights_file"].endswith(fmt)
+    assert state["step"] == -1  # not recorded in diffusers files; -1 = unknown, as ddpm.evaluate writes
     x, t = _inputs(2, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x, t), model(x, t))
