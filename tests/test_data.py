@@ -10,9 +10,6 @@ from PIL import Image
 from ddpm import data as D
 from ddpm.config import DataConfig
 
-SHARED = Path("/work/shared/data")
-
-
 def _png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -112,9 +109,8 @@ def test_no_silent_resize_of_mnist_or_cifar10(tmp_path):
         D.load_dataset(DataConfig(dataset="cifar10", resolution=32, channels=1), tmp_path)
 
 
-@pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="needs MNIST in /work/shared/data")
-def test_mnist_from_shared_folder():
-    ds = D.load_dataset(DataConfig(dataset="mnist", resolution=28, channels=1, hflip=False), SHARED)
+def test_mnist_from_shared_folder(shared_data):
+    ds = D.load_dataset(DataConfig(dataset="mnist", resolution=28, channels=1, hflip=False), shared_data)
     assert ds.images.shape == (60000, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert ds.images.max() == 255 and ds.images.min() == 0
 
