@@ -20,6 +20,7 @@ from . import diffusion as D
 class DataConfig:
     dataset: str = "cifar10"  # mnist | cifar10 | folder (any folder of images, e.g. CelebA-HQ)
     path: str = ""  # for dataset=folder: the folder (absolute, or relative to the data dir)
+    test_path: str = ""  # for dataset=folder: held-out images for test-set NLL ("" = none)
     resolution: int = 32  # images are resized/center-cropped to this (folder datasets)
     channels: int = 3
     hflip: bool = True  # random horizontal flips (CIFAR10, CelebA-HQ; not MNIST)
@@ -237,8 +238,9 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     ),
     "cifar10-cpu": (
         "Scaled down for a 2-core CPU: 32x32 RGB, 1.5M-param UNet, T=1000; reads a folder "
-        "(here ../shared/data/cifar10-partial/train, 4000 real CIFAR10 images).",
-        {"data.dataset": "folder", "data.path": "cifar10-partial/train",
+        "(here ../shared/data/cifar10-partial: 4000 real CIFAR10 training images; its 4000 test "
+        "images of 4 classes for test NLL).",
+        {"data.dataset": "folder", "data.path": "cifar10-partial/train", "data.test_path": "cifar10-partial/test",
          "model.ch": 32, "model.num_res_blocks": 1, "train.steps": 1500, "train.batch_size": 64,
          "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
          "train.sample_every": 500, "train.ckpt_every": 250},

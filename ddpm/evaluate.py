@@ -181,15 +181,17 @@ def _json_default(o):
 
 def dataset_spec(cfg, split: str, data_dir=None) -> Optional[str]:
     """The fidelity.load_images spec of the checkpoint's dataset split, or None if the
-    dataset has no such split (a folder dataset has only its own images: 'train')."""
+    dataset has no such split (a folder dataset: data.path is 'train', data.test_path, if
+    set, is 'test')."""
     from .data import resolve_data_dir
 
     ds = cfg.data.dataset
     if ds in ("mnist", "cifar10"):
         return f"{ds}:{split}"
-    if split != "train":
+    rel = {"train": cfg.data.path, "test": cfg.data.test_path}.get(split)
+    if not rel:
         return None
-    p = Path(cfg.data.path)
+    p = Path(rel)
     return f"folder:{p if p.is_absolute() else resolve_data_dir(data_dir) / p}"
 
 
