@@ -15,17 +15,20 @@ only the parameter names differ, and attention projections are stored as Linear
 explicit table from our names to theirs; ``convert_state_dict`` applies it and
 fails, naming the keys, if anything is left over or missing.
 
-EMA: a diffusers folder holds one set of weights. The DDPM releases are the EMA
-weights (the paper evaluates the EMA model; FID about 3.2 from google/ddpm-cifar10-32
-is reported only with EMA weights, non-EMA weights give about 12 to 14). For the
-256x256 models Google publishes both google/ddpm-<name>-256 and
-google/ddpm-ema-<name>-256: use the -ema- ones to evaluate. ``load_diffusers_folder``
-therefore loads the folder's weights as the EMA weights and refuses ``ema=False``.
+EMA: a diffusers folder holds one set of weights; we load it as the EMA weights, as
+the paper evaluates its EMA model. google/ddpm-cifar10-32 is taken to be the EMA
+release (converted official weights reach FID 3.17-3.21 only as EMA weights;
+non-EMA ones give about 12-14, shared/PAPER.md). For the 256x256 models Google
+publishes both google/ddpm-<name>-256 and google/ddpm-ema-<name>-256: evaluate the
+-ema- ones. The files do not say which they hold; an FID far above the paper's is the
+sign of non-EMA weights. ``load_diffusers_folder`` refuses ``ema=False``: there is no
+second set to load.
 
 Nothing here downloads anything. To evaluate the released CIFAR10 model, fetch the
 folder once where there is internet, e.g.
-    huggingface-cli download google/ddpm-cifar10-32 --local-dir ddpm-cifar10-32
-then ``python -m ddpm eval --checkpoint ddpm-cifar10-32``.
+    hf download google/ddpm-cifar10-32 --local-dir ddpm-cifar10-32
+(``huggingface-cli download`` with huggingface_hub older than 0.34), or copy the
+files by hand, then ``python -m ddpm eval --checkpoint ddpm-cifar10-32``.
 """
 
 from __future__ import annotations
@@ -128,11 +131,13 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict[str, Any]] = None,
-                          source: str = "config.json") -> Config:
+                          source: str = CONFIG_FILE, scheduler_source: str = SCHEDULER_FILE) -> Config:
     """Our Config for a diffusers UNet2DModel config (and optional DDPMScheduler config).
 
     The network fields come from ``unet_cfg``; training and data fields from the preset
-    of its resolution (PRESET_FOR_RESOLUTION). Anything our UNet does not implement
+    of its resolution (PRESET_FOR_RESOLUTION: the data fields of the 256 preset name
+    CelebA-HQ; for LSUN church override data.path). The reverse variance is the
+    scheduler config's variance_type where there is one. Anything our UNet does not implement
     (another time embedding, multi-head attention, ...) is an error naming the key.
     """
     def bad(msg):
@@ -184,7 +189,7 @@ def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict
     m.attn_resolutions = tuple(attn_resolutions)
     cfg.data.resolution, cfg.data.channels = resolution, in_ch
     if scheduler_cfg is not None:
-        _apply_scheduler(cfg, scheduler_cfg, source.replace(CONFIG_FILE, SCHEDULER_FILE))
+        _apply_scheduler(cfg, scheduler_cfg, scheduler_source)
     return cfg.validate()
 
 
@@ -398,21 +403,21 @@ def read_diffusers_weights(unet_dir: Path) -> Tuple[Dict[str, torch.Tensor], Pat
     raise OfficialWeightsError(f"{unet_dir} holds {CONFIG_FILE} but none of {', '.join(WEIGHT_FILES)}")
 
 
-def _scheduler_config(folder: Path, unet_dir: Path) -> Optional[Dict[str, Any]]:
+def _scheduler_config(folder: Path, unet_dir: Path) -> Tuple[Optional[Dict[str, Any]], str]:
     for path in (unet_dir / SCHEDULER_FILE, folder / "scheduler" / SCHEDULER_FILE, folder / SCHEDULER_FILE):
         if path.is_file():
-            return _read_json(path)
-    return None
+            return _read_json(path), str(path)
+    return None, ""
 
 
 def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
     """(config, our UNet in eval mode, GaussianDiffusion, state) from a diffusers folder.
 
     Same contract as ddpm.checkpoint.load_model (the model is built on the CPU;
-    ``map_location`` is accepted for that signature and unused). ``state`` mimics a checkpoint dict:
-    format "diffusers-folder", config, step -1 (the files do not record the training step;
-    -1 is what ddpm.evaluate writes for "unknown"), ema
-    (our state dict), plus source, weights_file and diffusers_config.
+    ``map_location`` is accepted for that signature and unused). ``state`` mimics a
+    checkpoint dict: format "diffusers-folder", config, step -1 (the files do not
+    record the training step; -1 is what ddpm.evaluate writes for "unknown"), ema (our
+    state dict), plus source, weights_file, scheduler_file and diffusers_config.
     """
     folder = Path(folder)
     if not ema:
@@ -421,11 +426,12 @@ def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
             "there are no raw weights to load with ema=False (--no-ema)")
     unet_dir = _unet_dir(folder)
     unet_cfg = _read_json(unet_dir / CONFIG_FILE)
-    cfg = config_from_diffusers(unet_cfg, _scheduler_config(folder, unet_dir), str(unet_dir / CONFIG_FILE))
+    scheduler_cfg, scheduler_file = _scheduler_config(folder, unet_dir)
+    cfg = config_from_diffusers(unet_cfg, scheduler_cfg, str(unet_dir / CONFIG_FILE), scheduler_file)
     theirs, weights_file = read_diffusers_weights(unet_dir)
     ours = convert_state_dict(theirs, cfg)
     model = load_converted(build_model(cfg), ours)
     state = {"format": "diffusers-folder", "config": cfg.to_dict(), "step": -1,
              "ema": model.state_dict(), "source": str(folder), "weights_file": str(weights_file),
-             "diffusers_config": unet_cfg}
+             "scheduler_file": scheduler_file, "diffusers_config": unet_cfg}
     return cfg, model.eval(), build_diffusion(cfg), state

@@ -400,8 +400,10 @@ def main(argv=None):
                 res[name]["sample_mem"] = mem.measure(r.sample_chunk)
         train_t = {name: [] for name in runners}
         sample_t = {name: [] for name in runners}
-        for _ in range(args.repeats):  # alternate implementations: shared-machine noise hits both
-            for name, r in runners.items():
+        # Alternate the implementations, in ABBA order, so that load changes on a shared
+        # machine hit both alike; the ratios below pair adjacent measurements.
+        for i in range(args.repeats):
+            for name, r in (list(runners.items()) if i % 2 == 0 else reversed(runners.items())):
                 train_t[name].append(timed2(r.train_steps, device))
                 if not args.no_sampling:
                     sample_t[name].append(timed2(r.sample_chunk, device))
@@ -420,12 +422,16 @@ def main(argv=None):
                 out["sample_img_s"] = args.sample_batch / (per_step_wall * 1000)
                 out["sample_img_cpu_s"] = args.sample_batch / (per_step_cpu * 1000)
                 out["sample_times_s"] = sample_t[name]
-        for name in runners:
-            base = res.get("diffusers")  # the same variant's diffusers row
-            for key in ("train_img_s", "sample_img_s", "train_img_cpu_s", "sample_img_cpu_s"):
-                if base and key in base:
-                    res[name][key + "_vs_diffusers"] = res[name][key] / base[key]
-            rows.append(res[name])
+        if "diffusers" in runners:
+            # Speed ratio ours/diffusers (> 1: ours faster): the median over repeats of
+            # the ratio of the two adjacent measurements, wall-clock and CPU time.
+            for name in runners:
+                for kind, times in (("train", train_t), ("sample", sample_t)):
+                    for j, clock in ((0, ""), (1, "_cpu")):
+                        if times[name]:
+                            res[name][f"{kind}_img{clock}_s_vs_diffusers"] = statistics.median(
+                                d[j] / o[j] for o, d in zip(times[name], times["diffusers"]))
+        rows += [res[name] for name in runners]
         del runners
 
     # Relative to our fp32 eager baseline as well, so variants can be compared directly.
@@ -476,7 +482,8 @@ def print_table(rows, base_ours, args):
         print(" | ".join(v.ljust(w) for v, w in zip(l, widths)))
     r0 = rows[0]
     print(f"\nEach number: median of {args.repeats} measurements on a possibly shared machine; ours and "
-          "diffusers' alternated. Ratios > 1: ours is faster.")
+          "diffusers' alternated (ABBA). 'vs diffusers': median over repeats of the ratio of adjacent "
+          "measurements of the same variant; > 1: ours is faster.")
     if cpu:
         print("(cpu-time): the same ratio from this process's CPU time instead of wall-clock time; less "
               "sensitive to other processes' load, cleanest with --threads 1.")
