@@ -43,9 +43,14 @@ def check_profile(results_dir, profile: str, judge: bool) -> int:
     print(f"== {profile} profile ({'judged against the paper' if judge else 'scaled-down: reported, not judged'})")
     failures = checked = 0
     rows = []
+    why_missing = {}
     for run_name, key, field, ref, tol, why in CHECKS:
         r = runs.get(run_name)
         v = _value(r, key, field) if r and r.status == "finished" else None
+        if r is None or r.status != "finished":
+            why_missing[f"{run_name}.{key}"] = "not run" if r is None else f"training {r.status}"
+        elif r.metric(key) and r.metric(key).get("unavailable"):
+            why_missing[f"{run_name}.{key}"] = str(r.metric(key)["unavailable"]).split(":")[0]
         rows.append((f"{run_name}.{key}", v, ref, tol, why))
     r = runs.get("eps_simple")
     rd = {row["reverse_step"]: row for row in (r.metric("rd") or {}).get("table4", [])} if r else {}
@@ -55,7 +60,7 @@ def check_profile(results_dir, profile: str, judge: bool) -> int:
         rows.append((f"eps_simple.table4[{step}].{field}", o[field] if o else None, ref, tol, "Table 4"))
     for name, v, ref, tol, why in rows:
         if v is None:
-            print(f"  {verb} {name:<40} missing (paper {ref})")
+            print(f"  {verb} {name:<40} no value (paper {ref}){': ' + why_missing.get(name, '') if name in why_missing else ''}")
             continue
         ok = abs(v - ref) <= tol
         if judge:

@@ -33,7 +33,8 @@ def _pm(r: Optional[dict], digits: int = 2, err: str = "std") -> str:
     if r is None:
         return "not run"
     if r.get("value") is None:
-        return "n/a (" + str(r.get("unavailable", "unavailable")).split(";")[0][:60] + ")"
+        why = str(r.get("unavailable", ""))
+        return "n/a offline" if "offline" in why else "n/a"
     e = r.get(err)
     return _f(r["value"], digits) + (f" +- {_f(e, digits)}" if e is not None else "")
 
@@ -141,8 +142,8 @@ def ablation_table(runs, title, pairs, evals) -> Table:
 
 
 def tables(runs: Dict[str, RunResult]) -> List[Table]:
-    beta = ("samples", "nll")
-    bt = ("samples_beta_tilde", "nll_beta_tilde")
+    beta = ("main", "main")
+    bt = ("beta_tilde", "beta_tilde")
     out = [table1(runs), table2(runs), table4(runs)]
     out.append(ablation_table(runs, "Variance: sigma^2 = beta vs beta-tilde (same checkpoints)", [
         ("eps_simple", "beta", "L_simple, sigma^2 = beta"), ("eps_simple", "bt", "L_simple, sigma^2 = beta-tilde"),

@@ -21,8 +21,9 @@ class RunResult:
 
     def metric(self, key: str, eval_name: Optional[str] = None) -> Optional[Dict[str, Any]]:
         """The result dict of ``key`` (fid, is, kid, nll_test, nll_train, rd), from ``eval_name``
-        or from the first evaluation that has it."""
-        names = [eval_name] if eval_name else sorted(self.evals)
+        or else from the "main" evaluation, or else the first (by name) that has it."""
+        # "main" (the run's own variance) first: other evaluations are ablations of it
+        names = [eval_name] if eval_name else sorted(self.evals, key=lambda n: (n != "main", n))
         for n in names:
             r = self.evals.get(n, {}).get("results", {}).get(key)
             if r is not None:

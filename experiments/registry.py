@@ -69,27 +69,27 @@ RUNS: Dict[str, Run] = {r.name: r for r in [
 ]}
 
 # Evaluations are shared by name: a run evaluated for two experiments is evaluated once.
-SAMPLES = Eval("samples", "fid,is,kid", figures=True)
-SAMPLES_BT = Eval("samples_beta_tilde", "fid,is,kid", "beta_tilde")
-NLL = Eval("nll", "nll,rd")  # the bound's per-step terms give the rate-distortion curve too
-NLL_BT = Eval("nll_beta_tilde", "nll", "beta_tilde")
+# One evaluation process per run does samples and bound together (each process pays for
+# loading the networks again).
+MAIN = Eval("main", "fid,is,kid,nll,rd")
+MAIN_BT = Eval("beta_tilde", "fid,is,kid,nll", "beta_tilde")
+FIGURES = Eval("figures", "", figures=True)
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
-    Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", ("eps_simple", "eps_vlb"),
-               (SAMPLES, NLL)),
+    Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", ("eps_simple", "eps_vlb"), (MAIN,)),
     Experiment("table2", "Table 2 (parameterization x objective, IS / FID)",
                ("mu_vlb_learned", "mu_vlb", "mu_simple", "eps_vlb_learned", "eps_vlb", "eps_simple"),
-               (SAMPLES,), "run in every cell, including those the paper reports as unstable"),
+               (MAIN,), "run in every cell, including those the paper reports as unstable"),
     Experiment("variance", "Sec. 3.2 / 4.2: sigma^2 = beta vs beta-tilde, same checkpoints",
-               ("eps_simple", "eps_vlb"), (SAMPLES, SAMPLES_BT, NLL, NLL_BT)),
+               ("eps_simple", "eps_vlb"), (MAIN, MAIN_BT)),
     Experiment("schedule", "Schedule ablation: linear vs cosine, for L_simple and for L",
-               ("eps_simple", "eps_simple_cosine", "eps_vlb", "eps_vlb_cosine"), (SAMPLES, NLL),
+               ("eps_simple", "eps_simple_cosine", "eps_vlb", "eps_vlb_cosine"), (MAIN,),
                "cosine is Nichol & Dhariwal 2021, not in the paper"),
-    Experiment("rate_distortion", "Table 4 and Fig. 5 (rate-distortion, CIFAR10 test)", ("eps_simple",), (NLL,)),
-    Experiment("progressive", "Fig. 6 (progressive generation), Fig. 7 (shared x_t)", ("eps_simple",),
-               (SAMPLES,)),
-    Experiment("mnist", "The seed report: MNIST samples after 10 epochs", ("mnist_seed",), (SAMPLES, NLL)),
+    Experiment("rate_distortion", "Table 4 and Fig. 5 (rate-distortion, CIFAR10 test)", ("eps_simple",), (MAIN,)),
+    Experiment("progressive", "Figs. 6-8 (progressive generation, shared x_t, interpolation)", ("eps_simple",),
+               (FIGURES,)),
+    Experiment("mnist", "The seed report: MNIST samples after 10 epochs", ("mnist_seed",), (MAIN, FIGURES)),
     Experiment("celebahq", "CelebA-HQ 256 samples (Fig. 1) and interpolation (Fig. 8)", ("celebahq",),
-               (Eval("figures", "", figures=True),)),
+               (FIGURES,)),
 ]}
 
 # How each profile sizes a run of each family: (preset, extra overrides).

@@ -27,10 +27,10 @@ def write_run(base, profile, run, status="finished", evals=None, step=10):
 def paper_like(fid=3.17, is_=9.46, nll=3.75):
     rows = [{"reverse_step": s, "rate_bpd": r, "distortion_rmse": dd} for s, (r, dd) in paper.TABLE4.items()]
     return {
-        "samples": {"fid": {"value": fid, "n": 50000, "n_reference": 50000, "reference": "cifar10:train"},
-                    "is": {"value": is_, "std": 0.1, "n": 50000}},
-        "nll": {"nll_test": {"value": nll, "se": 0.01, "n": 10000}, "nll_train": {"value": 3.72, "se": 0.01},
-                "rd": {"table4": rows, "definition": "test"}},
+        "main": {"fid": {"value": fid, "n": 50000, "n_reference": 50000, "reference": "cifar10:train"},
+                 "is": {"value": is_, "std": 0.1, "n": 50000},
+                 "nll_test": {"value": nll, "se": 0.01, "n": 10000}, "nll_train": {"value": 3.72, "se": 0.01},
+                 "rd": {"table4": rows, "definition": "test"}},
     }
 
 
@@ -85,3 +85,13 @@ def test_results_loader_reads_every_eval(tmp_path):
     r = runs["eps_simple"]
     assert r.value("fid") == pytest.approx(3.17) and r.value("nll_test") == pytest.approx(3.75)
     assert "35.75M params" in r.scale() and "test GPU" in r.scale()
+
+
+def test_tables_read_the_main_evaluation_not_its_ablations(tmp_path):
+    evals = paper_like(nll=3.75)
+    evals["beta_tilde"] = {"nll_test": {"value": 9.99, "se": 0.1}, "fid": {"value": 99.9}}
+    write_run(tmp_path, "quick", "eps_simple", evals=evals)
+    r = load_profile(tmp_path, "quick")["eps_simple"]
+    assert r.value("nll_test") == pytest.approx(3.75) and r.value("nll_test", "beta_tilde") == pytest.approx(9.99)
+    md = report.to_markdown(report.table1(load_profile(tmp_path, "quick")))
+    assert "3.750" in md and "9.99" not in md
