@@ -431,6 +431,11 @@ def main(argv=None):
                             res[name][f"{kind}_img{clock}_s_vs_diffusers"] = statistics.median(
                                 d[j] / o[j] for o, d in zip(times[name], times["diffusers"]))
         rows += [res[name] for name in runners]
+        for name in runners:  # as it goes: a run cut short by a time limit still says something
+            r = res[name]
+            print(f"  {name:9s} {variant.name:16s} train {r['train_img_s']:.4g} img/s"
+                  + (f", sample {r['sample_img_s']:.4g} img/s (1000 steps)" if "sample_img_s" in r else "")
+                  + f"; first call {r['first_call_s']:.1f} s", flush=True)
         del runners
 
     # The peak again after the runs, keeping the better: on a shared machine one

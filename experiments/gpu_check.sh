@@ -36,7 +36,7 @@ echo "== 1. parity on CUDA"
 parity_rc=0
 if python -c "import pytest" 2>/dev/null; then
     # A failure is reported at the end; the speed table is still worth having.
-    DDPM_TEST_DEVICE=cuda timeout 120 python -m pytest -q -rs tests/test_official.py \
+    DDPM_TEST_DEVICE=cuda timeout 90 python -m pytest -q -rs tests/test_official.py \
         -k "parity or device or pipeline_folder" 2>&1 | tee "$OUT_DIR/parity.txt" || parity_rc=$?
 else
     echo "pytest is not installed: see the same-function line of step 2"
@@ -46,7 +46,7 @@ echo
 echo "== 2. speed, CIFAR10 model (35.7M), training batch 128, sampling batch 1024"
 # torch.compile is measured for our UNet only (compiling diffusers' too would double the
 # compile time); fp32 keeps PyTorch's defaults (TF32 in cuDNN convolutions, not in matmul).
-timeout 400 python experiments/benchmark_speed.py --device cuda --model cifar10 \
+timeout 330 python experiments/benchmark_speed.py --device cuda --model cifar10 \
     --batch 128 --sample-batch 1024 --steps 10 --repeats 3 --train-chunk 10 \
     --variants fp32,bf16,bf16+cl,bf16+compile --diffusers-variants fp32,bf16,bf16+cl \
     --out "$OUT_DIR/benchmark_cifar10_b128.json" 2>&1 | tee "$OUT_DIR/benchmark.txt"
