@@ -27,15 +27,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_checkpoint(path, state: Dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, **state}
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``:
+    a crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,6 +41,14 @@ def save_checkpoint(path, state: Dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(path, state: Dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (see atomic_write_bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, **state}
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path, map_location="cpu") -> Dict[str, Any]:

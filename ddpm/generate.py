@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_bytes
 from .diffusion import GaussianDiffusion, Model
 from .sampling import sample
 
@@ -58,20 +57,6 @@ def shard_seed(seed: int, index: int) -> int:
     per shard (numpy's SeedSequence hashing, so nearby seeds do not give related streams)."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def shard_path(out_dir, index: int) -> Path:
@@ -148,7 +133,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
                                    f"{diff} as (on disk, requested)); use another --out folder or "
                                    "delete this one")
         else:
-            _atomic_write_bytes(mpath, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+            atomic_write_bytes(mpath, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -168,7 +153,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
                 images = sample_shard(model, diffusion, sizes[i], (C, H, W), seed, i, device=device,
                                       var_type=var_type, clip_x0=clip_x0, progress=progress)
                 if path is not None:
-                    _atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
+                    atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
             if return_images:
                 shards.append(images)
             if bar is not None:
