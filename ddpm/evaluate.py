@@ -230,6 +230,7 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
     if var == VarType.LEARNED and diffusion.var_type != VarType.LEARNED:
         raise EvalError("--var learned needs a checkpoint trained with a learned variance")
     image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    fit = (cfg.data.channels, cfg.data.resolution)  # folder images are decoded as the trainer does
     common = {"checkpoint": str(checkpoint), "checkpoint_step": int(state.get("step", -1)), "ema": bool(ema),
               "variance": var.value, "steps": diffusion.T, "seed": int(seed), "git_commit": git_commit(),
               "device": device_description(device)}
@@ -266,7 +267,8 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
         t0 = time.time()
         ref_images = ref_desc = ref_key = None
         if {"fid", "kid"} & set(want):
-            ref_images, ref_desc, ref_key = load_images(ref_spec, data_dir, reference_n, seed=2020)
+            ref_images, ref_desc, ref_key = load_images(ref_spec, data_dir, reference_n, seed=2020,
+                                                        resize_to=fit)
         fm = compute_metrics(samples, ref_images, want, weights=inception_weights, device=device,
                              reference_key=ref_key, reference_desc=ref_desc, progress=progress)
         base = {"n": n, "sampler": SAMPLER, "pixel_map": PIXEL_MAP, "inception": fm["inception"]}
@@ -293,7 +295,9 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
                 save()
                 continue
             t0 = time.time()
-            images, desc, _ = load_images(spec, data_dir, nll_n, seed=2020)
+            images, desc, _ = load_images(spec, data_dir, nll_n, seed=2020, resize_to=fit)
+            if tuple(images.shape[1:]) != image_shape:
+                raise EvalError(f"{spec} holds images of shape {tuple(images.shape[1:])}, the model takes {image_shape}")
             terms = bound_terms(model, diffusion, images, batch_size=nll_batch_size, var_type=var_arg,
                                 seed=seed, device=device, max_batch=max_batch, progress=progress)
             np.savez_compressed(out_dir / f"bound_terms_{split}.npz",
@@ -328,7 +332,7 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
                           device=device, var_type=var_arg, progress=progress)
         report["figures"]["fig7_shared_latent"] = str(out_dir / "fig7_shared_latent.png")
         spec = dataset_spec(cfg, "test", data_dir) or dataset_spec(cfg, "train", data_dir)
-        imgs, _, _ = load_images(spec, data_dir, 4, seed=2020)
+        imgs, _, _ = load_images(spec, data_dir, 4, seed=2020, resize_to=fit)
         x = from_uint8(imgs.permute(0, 2, 3, 1).numpy())
         FIG.interpolation(diffusion, model, [(x[0], x[1]), (x[2], x[3])], out_dir / "fig8_interpolation.png",
                           generator=g, device=device, var_type=var_arg, progress=progress)

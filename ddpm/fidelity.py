@@ -396,7 +396,8 @@ def _read_folder(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2020):
+def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2020,
+                resize_to: Optional[Tuple[int, int]] = None):
     """(uint8 [N, C, H, W], description, cache key or None) for an image source:
 
     - ``mnist:train`` / ``mnist:test``, ``cifar10:train`` / ``cifar10:test`` (torchvision
@@ -404,6 +405,9 @@ def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2
     - ``folder:PATH`` or a plain folder path (all images under it, recursively);
     - a folder written by ddpm.generate (has manifest.json), or ``samples:PATH``.
     ``n`` takes a seeded random subset (see _subset).
+    ``resize_to=(channels, resolution)``: image files are decoded as the trainer decodes a
+    folder dataset (data.FolderImages: shorter side resized, center crop), so that they
+    match a model's input; without it they are read as they are.
     """
     from .data import DataError, resolve_data_dir
 
@@ -436,6 +440,14 @@ def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2
             images = torch.from_numpy(load_samples(path)).permute(0, 3, 1, 2).contiguous()
             m = read_manifest(path)
             what = f"samples written by ddpm.generate (n={m['n']}, seed={m['seed']}, {m['pixel_map']})"
+        elif resize_to is not None:
+            from .data import FolderImages
+
+            ds = FolderImages(path, resize_to[1], resize_to[0])
+            if len(ds) == 0:
+                raise FidelityError(f"no images under {path}")
+            images = torch.stack([ds[i] for i in range(len(ds))])
+            what = f"image files decoded to {resize_to[0]} channel(s) at {resize_to[1]}x{resize_to[1]} (data.FolderImages)"
         else:
             images = _read_folder(path)
             what = "image files"

@@ -181,3 +181,28 @@ def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "ev" / "samples").glob("shard_*")) == ["shard_00000.npz",
                                                                                        "shard_00001.npz"]
     assert list((tmp_path / "cache" / "fidelity").glob("mnist-test-n5-seed2020-offline-*.pt"))
+
+
+def test_eval_on_a_folder_dataset_decodes_images_like_the_trainer(tmp_path):
+    """A folder dataset of 40x30 RGB images evaluated by a 1-channel 28x28 model: the NLL
+    images are decoded as data.FolderImages does (resize, center crop, grayscale)."""
+    from PIL import Image
+
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import build_model, get_preset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    cfg = get_preset("smoke", ["diffusion.T=21", "data.dataset=folder", f"data.path={folder}"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_checkpoint(tmp_path / "c.pt", {"config": cfg.to_dict(), "step": 1, "model": model.state_dict(),
+                                        "ema": model.state_dict()})
+    rep = E.evaluate(tmp_path / "c.pt", ["nll"], nll_splits=["train", "test"], out_dir=tmp_path / "ev",
+                     figures=False, progress=False, device="cpu")
+    r = rep["results"]
+    assert r["nll_train"]["n"] == 3 and "28x28" in r["nll_train"]["data"] and np.isfinite(r["nll_train"]["value"])
+    assert r["nll_test"]["value"] is None and "no test split" in r["nll_test"]["unavailable"]
