@@ -18,13 +18,16 @@ machine-readable results go under --results-dir (default results/):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
@@ -41,17 +44,31 @@ def default_profile() -> str:
         return "quick"
 
 
+# Set by run_experiments: the prefix of screen lines (the run's name when runs go in
+# parallel) and the environment of the ddpm processes (their CPU threads).
+_PREFIX = threading.local()
+_CHILD_ENV: Optional[dict] = None
+_PRINT_LOCK = threading.Lock()
+
+
+def _say(msg: str) -> None:
+    prefix = getattr(_PREFIX, "value", "")
+    with _PRINT_LOCK:
+        sys.stdout.write("".join(prefix + line + "\n" for line in msg.split("\n")))
+        sys.stdout.flush()
+
+
 def _call(cmd: List[str], log: Path) -> int:
     """Run a ddpm command, its output both on screen and in a log file."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    _say("+ " + " ".join(shlex.quote(c) for c in cmd))
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
-                                bufsize=1)
+                                bufsize=1, env=_CHILD_ENV)
         for line in proc.stdout:
-            sys.stdout.write(line)
+            _say(line.rstrip("\n"))
             f.write(line)
         return proc.wait()
 
@@ -72,7 +89,7 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record["status"] in ("finished", "diverged"):
-            print(f"[{profile}/{name}] training: {record['status']} earlier, skipped", flush=True)
+            _say(f"[{profile}/{name}] training: {record['status']} earlier, skipped")
             return record
     preset, overrides = run_config_args(run, profile)
     cmd = [sys.executable, "-m", "ddpm", "train", "--preset", preset, "--out", str(out)]
@@ -112,7 +129,7 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
     out = results_dir / profile / name / ev.name
     work = runs_dir / profile / name / f"eval_{ev.name}"
     if (out / "metrics.json").exists():
-        print(f"[{profile}/{name}] {ev.name}: done earlier, skipped", flush=True)
+        _say(f"[{profile}/{name}] {ev.name}: done earlier, skipped")
         return
     size = EVAL_SIZE[profile]
     ckpt = runs_dir / profile / name / "final.pt"
@@ -137,8 +154,21 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
             shutil.copy2(f, out / f.name)
 
 
+def default_jobs() -> int:
+    """Runs in parallel: one per CPU core on a CPU-only machine (small models use cores
+    better as separate single-threaded processes than as threads of one), one on a GPU."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return 1
+    except ImportError:
+        pass
+    return os.cpu_count() or 1
+
+
 def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
-                    data_dir: Optional[str]) -> None:
+                    data_dir: Optional[str], jobs: int = 1) -> None:
+    global _CHILD_ENV
     runs = runs_for(names)
     evals = {}  # run -> {eval name: Eval}, shared across experiments
     for e in names:
@@ -147,20 +177,55 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
                 prev = evals.setdefault(r, {}).setdefault(ev.name, ev)
                 assert prev == ev, f"two different evaluations named {ev.name}"
     total = len(runs) + sum(len(v) for v in evals.values())
-    done = 0
+    jobs = max(1, min(jobs, len(runs)))
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # share the cores between the parallel runs instead of oversubscribing them
+        _CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    counter = {"done": 0}
     t_start = time.time()
-    for r in runs:
-        done += 1
-        print(f"\n=== [{done}/{total}] {profile}: train {r} ({time.time() - t_start:.0f} s so far)", flush=True)
-        record = train_run(r, profile, runs_dir, results_dir, data_dir)
-        for ev in evals[r].values():
-            done += 1
-            if record["status"] != "finished":
-                print(f"=== [{done}/{total}] {profile}: {r} {ev.name} skipped: training {record['status']}")
-                continue
-            print(f"\n=== [{done}/{total}] {profile}: evaluate {r} {ev.name} ({time.time() - t_start:.0f} s so far)",
-                  flush=True)
-            eval_run(r, ev, profile, runs_dir, results_dir, data_dir)
+
+    def step(what: str) -> None:
+        with _PRINT_LOCK:
+            counter["done"] += 1
+            n = counter["done"]
+        _say(f"\n=== [{n}/{total}] {profile}: {what} ({time.time() - t_start:.0f} s so far)")
+
+    def one_run(r: str) -> None:
+        _PREFIX.value = f"{r}| " if jobs > 1 else ""
+        runs_dir.joinpath(profile).mkdir(parents=True, exist_ok=True)
+        # one process at a time per run, also across separate invocations
+        with open(runs_dir / profile / f"{r}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            step(f"train {r}")
+            record = train_run(r, profile, runs_dir, results_dir, data_dir)
+            for ev in evals[r].values():
+                if record["status"] != "finished":
+                    step(f"{r} {ev.name} skipped: training {record['status']}")
+                    continue
+                step(f"evaluate {r} {ev.name}")
+                t0 = time.time()
+                eval_run(r, ev, profile, runs_dir, results_dir, data_dir)
+                _say(f"[{profile}/{r}] {ev.name}: {time.time() - t0:.0f} s")
+
+    # the runs with the most evaluations first, so parallel workers finish close together
+    runs = sorted(runs, key=lambda r: -len(evals[r]))
+    if jobs == 1:
+        for r in runs:
+            one_run(r)
+    else:
+        print(f"{len(runs)} runs, {jobs} at a time, each with OMP_NUM_THREADS="
+              f"{(_CHILD_ENV or os.environ).get('OMP_NUM_THREADS')}; screen lines are prefixed with the run, "
+              f"full logs in {runs_dir / profile}/", flush=True)
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(one_run, r) for r in runs]
+            failed = []
+            for r, fut in zip(runs, futures):
+                try:
+                    fut.result()
+                except SystemExit as e:  # one failed run does not stop the others
+                    failed.append(f"{r}: {e}")
+        if failed:
+            raise SystemExit("failed:\n  " + "\n  ".join(failed))
     print(f"\nall {len(names)} experiments done for profile {profile} in {time.time() - t_start:.0f} s", flush=True)
 
 
@@ -174,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="checkpoints and samples (not in git)")
     p.add_argument("--results-dir", default=str(ROOT / "results"), help="small results files")
     p.add_argument("--data-dir", default=None, help="passed to ddpm (default: $DDPM_DATA_DIR, else ./data)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained/evaluated in parallel (default: one per CPU core without a GPU, "
+                        "1 with a GPU); each gets OMP_NUM_THREADS = cores / jobs unless it is set")
     args = p.parse_args(argv)
     if args.list:
         for e in EXPERIMENTS.values():
@@ -185,7 +253,8 @@ def main(argv=None) -> int:
         p.error(f"name experiments ({', '.join(EXPERIMENTS)}) or pass --all" +
                 (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     profile = args.profile or default_profile()
-    run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir)
+    run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir,
+                    jobs=args.jobs or default_jobs())
     return 0
 
 
