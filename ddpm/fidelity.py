@@ -453,6 +453,9 @@ def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2
             what = "image files"
         images, how = _subset(images, n, seed)
         desc = f"{path}: {what}, {how}"
+        # keyed by content: the same pixels (whatever the folder is called) share cached features
+        digest = hashlib.sha1(str(tuple(images.shape)).encode() + images.contiguous().numpy().tobytes()).hexdigest()[:16]
+        key = f"folder-{digest}-n{images.shape[0]}"
     return images, desc, key
 
 
