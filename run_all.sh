@@ -34,7 +34,7 @@ if [[ -z "$profile" ]]; then
     fi
     echo "################################################################################"
     echo "# No --profile given: running the '$profile' profile"
-    [[ "$profile" == quick ]] && echo "# (no CUDA GPU found: scaled-down runs, about 3 hours on 2 CPU cores;" \
+    [[ "$profile" == quick ]] && echo "# (no CUDA GPU found: scaled-down runs, about 2 hours on 2 CPU cores;" \
                                        && echo "#  NOT the paper's setting; use a GPU machine for --profile paper)"
     echo "################################################################################"
 fi
@@ -56,5 +56,8 @@ done
 if [[ $n_experiments -eq 0 ]]; then args+=(--all); fi
 
 "$PY" -m experiments.run --profile "$profile" "${args[@]}"
+if [[ "$profile" != paper ]]; then  # what real images score at this small N (paper: N = 50k, no floor needed)
+    "$PY" -m experiments.fid_floor --profile "$profile" --results-dir "$results_dir"
+fi
 "$PY" -m analysis.report --results-dir "$results_dir" --profile "$profile"
 "$PY" -m analysis.check --results-dir "$results_dir" --profile "$profile"

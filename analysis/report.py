@@ -52,10 +52,11 @@ def _status_cell(run: Optional[RunResult]) -> Optional[str]:
 
 
 def _scale_notes(runs: Sequence[Optional[RunResult]]) -> List[str]:
-    notes = []
+    """One line per distinct scale, naming the runs that share it (they usually all do)."""
+    groups: Dict[str, List[str]] = {}
     for r in runs:
         if r is not None:
-            line = f"{r.name}: {r.scale()}"
+            line = r.scale()
             for key in ("fid", "nll_test"):
                 m = r.metric(key)
                 if m:
@@ -64,8 +65,8 @@ def _scale_notes(runs: Sequence[Optional[RunResult]]) -> List[str]:
                         line += f" vs {m.get('n_reference', '?')} reference images ({m.get('reference', '?')})"
             if r.train.get("data_note"):
                 line += f"; data: {r.train['data_note']}"
-            notes.append(line)
-    return notes
+            groups.setdefault(line, []).append(r.name)
+    return [f"{', '.join(names)}: {line}" for line, names in groups.items()]
 
 
 def table1(runs: Dict[str, RunResult]) -> Table:
@@ -90,7 +91,12 @@ def table1(runs: Dict[str, RunResult]) -> Table:
 def table2(runs: Dict[str, RunResult]) -> Table:
     def cell(name):
         r = runs.get(name)
-        return _status_cell(r) or f"{_pm(r.metric('is'))} / {_f(r.value('fid'))}"
+        if _status_cell(r):
+            return _status_cell(r)
+        if r.metric("fid") is None:
+            return "not run"
+        kid = r.metric("kid")  # unbiased at small N, where FID is not: shown when measured
+        return f"{_pm(r.metric('is'))} / {_f(r.value('fid'))}" + (f" (KID {_pm(kid, 3)})" if kid else "")
 
     def paper(name):
         v = P.TABLE2[name]
@@ -99,7 +105,7 @@ def table2(runs: Dict[str, RunResult]) -> Table:
     rows = [[label, cell(P.TABLE2_RUNS[(row, "mu")]), paper(P.TABLE2_RUNS[(row, "mu")]),
              cell(P.TABLE2_RUNS[(row, "eps")]), paper(P.TABLE2_RUNS[(row, "eps")])]
             for row, label in P.TABLE2_ROWS]
-    return {"title": "Table 2: parameterization x objective (IS / FID)",
+    return {"title": "Table 2: parameterization x objective (IS / FID, and KID where measured)",
             "header": ["objective", "mu-tilde prediction", "paper", "eps prediction", "paper"],
             "rows": rows, "notes": _scale_notes([runs.get(n) for n in P.TABLE2])}
 
@@ -135,7 +141,8 @@ def ablation_table(runs, title, pairs, evals) -> Table:
             rows.append([label, blocked, blocked, blocked])
             continue
         kid = r.metric("kid", samples_eval)
-        rows.append([label, _f(r.value("fid", samples_eval)), _pm(kid, 4),
+        fid = r.metric("fid", samples_eval)
+        rows.append([label, _f(fid["value"]) if fid else "not run", _pm(kid, 4),
                      _pm(r.metric("nll_test", nll_eval), 3, "se")])
     return {"title": title, "header": ["model", "FID", "KID", "NLL test (bits/dim)"], "rows": rows,
             "notes": _scale_notes([runs.get(n) for n in dict.fromkeys(p[0] for p in pairs)])}
@@ -154,14 +161,87 @@ def tables(runs: Dict[str, RunResult]) -> List[Table]:
         ("eps_vlb", "beta", "L, linear"), ("eps_vlb_cosine", "beta", "L, cosine")], {"beta": beta}))
     out.append(ablation_table(runs, "MNIST (the seed report's setting)", [
         ("mnist_seed", "beta", "L_simple, MNIST")], {"beta": beta}))
+    out.append(runs_table(runs))
     return out
+
+
+def runs_table(runs: Dict[str, RunResult]) -> Table:
+    """Every run: how its training ended and what each step of the entry cost here."""
+    rows = []
+    for name, r in runs.items():
+        last = r.train.get("stats", {}).get("last") or {}
+        ev_times = ", ".join(f"{e} {_f((m.get('run') or {}).get('elapsed_s_total'), 0)} s"
+                             for e, m in r.evals.items())
+        same = r.train.get("same_as")
+        rows.append([name, r.status + (f" (reuses {same})" if same else ""), last.get("step", "?"),
+                     _f(last.get("loss"), 4), _f(last.get("grad_norm"), 3),
+                     "0 (reused)" if same else _f(r.train.get("elapsed_s_total",
+                                                               r.train.get("elapsed_s_this_call")), 0),
+                     ev_times or "none", r.train.get("note", "")])
+    hw = sorted({(r.train.get("run_info") or {}).get("device_name", "?") for r in runs.values()})
+    return {"title": "Runs: training outcome and wall time of each entry",
+            "header": ["run", "status", "steps", "final loss", "grad norm", "train s", "evaluations (s)", "what"],
+            "rows": rows,
+            "notes": [f"hardware (per training process): {'; '.join(hw)}; on a CPU machine the runs go "
+                      "in parallel, one per core",
+                      "final loss: the last logged training-loss average: the eps MSE (L_simple), the mu-tilde MSE, "
+                      "or for L runs the bound term L_{t-1} of a uniformly drawn t in bits/dim (T times it "
+                      "estimates the bound); wall times include loading and, for training, the final "
+                      "sample grid"]}
+
+
+def floor_table(base: Path) -> Optional[Table]:
+    """What real images score at this profile's FID/KID sample size (experiments.fid_floor)."""
+    path = base / "fid_floor.json"
+    if not path.exists():
+        return None
+    import json
+
+    rows = [[f, _f(v["fid"]), _pm({"value": v["kid"], "std": v["kid_std"]}, 4), v["n"], v["n_reference"],
+             v["real_images"]] for f, v in json.loads(path.read_text()).items()]
+    return {"title": "The floor: FID / KID of real images at this evaluation size",
+            "header": ["data", "FID", "KID", "N", "N reference", "real images"], "rows": rows,
+            "notes": ["the same reference subset and Inception as the models' evaluations: a model's FID is read "
+                      "against this, not against the paper's FID of 50,000 samples (FID is biased upwards at "
+                      "small N; KID is unbiased)"]}
+
+
+def samples_figure(runs: Dict[str, RunResult], base: Path, path: Path) -> Optional[Path]:
+    """Each run's last training sample grid (EMA, the same noise for every run), side by side."""
+    grids = [(n, base / n / "samples.png") for n, r in runs.items()
+             if (base / n / "samples.png").exists() and not r.train.get("same_as")]
+    if not grids:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(5, len(grids))
+    rows = math.ceil(len(grids) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 2.6 * cols), 2.8 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, png) in zip(axes.flat, grids):
+        ax.imshow(plt.imread(png), cmap="gray")
+        r = runs[name]
+        step = (r.train.get("stats", {}).get("last") or {}).get("step", "?")
+        ax.set_title(f"{name}\n{r.status}, step {step}", fontsize=8)
+    first = runs[grids[0][0]]
+    T = ((first.train.get("config") or {}).get("diffusion") or {}).get("T", "?")
+    fig.suptitle(f"Samples at the end of training ({first.profile} profile)\nEMA weights, T={T}-step "
+                 "ancestral sampling, the same noise for every run", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------- rendering
 
 
-def to_markdown(t: Table) -> str:
-    lines = [f"### {t['title']}", "", "| " + " | ".join(t["header"]) + " |",
+def to_markdown(t: Table, level: int = 3) -> str:
+    lines = [f"{'#' * level} {t['title']}", "", "| " + " | ".join(t["header"]) + " |",
              "|" + "---|" * len(t["header"])]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in t["rows"]]
     if t["notes"]:
@@ -220,6 +300,9 @@ def write_report(results_dir, profile: str) -> List[Path]:
     runs = load_profile(results_dir, profile)
     base = Path(results_dir) / profile
     ts = tables(runs)
+    floor = floor_table(base)
+    if floor:
+        ts.insert(3, floor)
     header = (f"# Results: {profile} profile\n\nRegenerated by `python -m analysis.report` from "
               f"results/{profile}/ (do not edit). " +
               ("" if profile == "paper" else
@@ -233,7 +316,28 @@ def write_report(results_dir, profile: str) -> List[Path]:
     fig = rd_figure(runs, base / "figures" / "rate_distortion_vs_paper.png")
     if fig:
         written.append(fig)
+    fig = samples_figure(runs, base, base / "figures" / "samples_by_run.png")
+    if fig:
+        written.append(fig)
+    readme = Path(results_dir) / "README.md"
+    if readme.exists() and embed_tables(readme, profile, "\n".join(to_markdown(t, level=4) for t in ts)):
+        written.append(readme)
     return written
+
+
+def embed_tables(readme: Path, profile: str, md: str) -> bool:
+    """Replace what stands between ``<!-- tables:PROFILE -->`` and ``<!-- /tables:PROFILE -->``
+    in a hand-written report with the regenerated tables, so its numbers never drift from
+    results/. Returns whether the markers were there."""
+    begin, end = f"<!-- tables:{profile} -->", f"<!-- /tables:{profile} -->"
+    text = readme.read_text()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        return False
+    new = text[:i + len(begin)] + "\n" + md + "\n" + text[j:]
+    if new != text:
+        readme.write_text(new)
+    return True
 
 
 def main(argv=None) -> int:

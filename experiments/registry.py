@@ -8,7 +8,7 @@ Two layers:
 
 A PROFILE turns a run into a concrete config and evaluation size:
 - paper: the paper's settings (needs GPUs; days of compute for the whole grid);
-- quick: scaled so the whole grid finishes on a 2-core CPU in about 3 hours;
+- quick: scaled so the whole grid finishes on a 2-core CPU in about 2 hours (at most 3);
 - smoke: every entry in a few minutes; run in CI.
 What a scaled entry uses instead of the paper's data is in DATA_NOTES, and every
 result records its profile, so a scaled number is never read as the paper's.
@@ -16,7 +16,7 @@ result records its profile, so a scaled number is never read as the paper's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 PROFILES = ("paper", "quick", "smoke")
@@ -93,7 +93,7 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
 ]}
 
 # How each profile sizes a run of each family: (preset, extra overrides).
-# quick: 2-core CPU budget ~3 h for the 10 runs and their evaluations; smoke: seconds each.
+# quick: 2-core CPU budget <= 3 h for the 10 runs and their evaluations; smoke: seconds each.
 # quick: 500 steps (CIFAR10 subset: 32,000 images = 8 epochs of its 4,000; MNIST: 64,000 images at
 # batch 128), bf16 autocast (1.65x fp32 here), two runs at a time on one core each.
 _QUICK_TRAIN = ("train.steps=500", "train.warmup=100", "train.ema_decay=0.99", "train.ckpt_every=100",

@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .registry import DATA_NOTES, EVAL_SIZE, EXPERIMENTS, PROFILES, RUNS, Eval, run_config_args, runs_for
 
@@ -81,16 +81,24 @@ def _stats_summary(run_dir: Path) -> dict:
     return {"last": rows[-1] if rows else None, "n_logged": len(rows)}
 
 
+def _copy_samples(out: Path, dest: Path) -> None:
+    """The run's last training sample grid (EMA, fixed noise) -> results/.../samples.png."""
+    grids = sorted((out / "samples").glob("step_*.png"))
+    if grids:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(grids[-1], dest / "samples.png")
+
+
 def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_dir: Optional[str]) -> dict:
     """Train (or resume, or skip) one run; returns its train.json record."""
     run = RUNS[name]
     out = runs_dir / profile / name
     record_path = results_dir / profile / name / "train.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record["status"] in ("finished", "diverged"):
-            _say(f"[{profile}/{name}] training: {record['status']} earlier, skipped")
-            return record
+    previous = json.loads(record_path.read_text()) if record_path.exists() else None
+    if previous and previous["status"] in ("finished", "diverged"):
+        _say(f"[{profile}/{name}] training: {previous['status']} earlier, skipped")
+        _copy_samples(out, record_path.parent)
+        return previous
     preset, overrides = run_config_args(run, profile)
     cmd = [sys.executable, "-m", "ddpm", "train", "--preset", preset, "--out", str(out)]
     for o in overrides:
@@ -108,12 +116,16 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
         "preset": preset, "overrides": overrides,
         "data_note": DATA_NOTES.get((profile, run.family), ""),
         "status": status, "exit_code": rc, "elapsed_s_this_call": round(elapsed, 1),
+        # over every call that got a record (a killed call records nothing: its time is lost here)
+        "elapsed_s_total": round(elapsed + ((previous or {}).get("elapsed_s_total") or 0.0), 1),
+        "omp_num_threads": (_CHILD_ENV or os.environ).get("OMP_NUM_THREADS"),
         "config": json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else None,
         "run_info": json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None,
         "stats": _stats_summary(out),
     }
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
+    _copy_samples(out, record_path.parent)
     if status == "failed":
         raise SystemExit(f"[{profile}/{name}] training failed (exit {rc}); see {runs_dir / profile / (name + '.train.log')}")
     return record
@@ -154,6 +166,26 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
             shutil.copy2(f, out / f.name)
 
 
+def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) -> None:
+    """train.json of a run that reuses ``src``'s training (identical config at this profile)."""
+    run = RUNS[dst]
+    out = results_dir / profile / dst
+    out.mkdir(parents=True, exist_ok=True)
+    mine = {**record, "run": dst, "family": run.family, "note": run.note, "same_as": src,
+            "data_note": DATA_NOTES.get((profile, run.family), ""), "elapsed_s_this_call": 0.0,
+            "elapsed_s_total": 0.0}
+    (out / "train.json").write_text(json.dumps(mine, indent=2))
+    if (results_dir / profile / src / "samples.png").exists():
+        shutil.copy2(results_dir / profile / src / "samples.png", out / "samples.png")
+
+
+def _copy_eval(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.name != "metrics.json")
+    for f in files + [src / "metrics.json"]:  # metrics.json last: it marks the evaluation done
+        shutil.copy2(f, dst / f.name)
+
+
 def default_jobs() -> int:
     """Runs in parallel: one per CPU core on a CPU-only machine (small models use cores
     better as separate single-threaded processes than as threads of one), one on a GPU."""
@@ -176,6 +208,13 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
             for ev in EXPERIMENTS[e].evals:
                 prev = evals.setdefault(r, {}).setdefault(ev.name, ev)
                 assert prev == ev, f"two different evaluations named {ev.name}"
+    # a run whose config at this profile equals an earlier run's is not trained again: it
+    # reuses that run's checkpoint and evaluations (e.g. the CelebA-HQ stand-in of small profiles)
+    same_as: Dict[str, str] = {}
+    by_config: Dict[tuple, str] = {}
+    for r in RUNS:  # every run, so that one named alone still finds the run it equals
+        preset, overrides = run_config_args(RUNS[r], profile)
+        same_as[r] = by_config.setdefault((preset, tuple(overrides)), r)
     total = len(runs) + sum(len(v) for v in evals.values())
     jobs = max(1, min(jobs, len(runs)))
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -192,23 +231,29 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
 
     def one_run(r: str) -> None:
         _PREFIX.value = f"{r}| " if jobs > 1 else ""
+        src = same_as[r]
         runs_dir.joinpath(profile).mkdir(parents=True, exist_ok=True)
         # one process at a time per run, also across separate invocations
-        with open(runs_dir / profile / f"{r}.lock", "w") as lock:
+        with open(runs_dir / profile / f"{src}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            step(f"train {r}")
-            record = train_run(r, profile, runs_dir, results_dir, data_dir)
+            step(f"train {r}" + (f" (same config as {src}: reused)" if src != r else ""))
+            record = train_run(src, profile, runs_dir, results_dir, data_dir)
+            if src != r:
+                _reuse(src, r, record, profile, results_dir)
             for ev in evals[r].values():
                 if record["status"] != "finished":
                     step(f"{r} {ev.name} skipped: training {record['status']}")
                     continue
                 step(f"evaluate {r} {ev.name}")
                 t0 = time.time()
-                eval_run(r, ev, profile, runs_dir, results_dir, data_dir)
+                eval_run(src, ev, profile, runs_dir, results_dir, data_dir)
+                if src != r:
+                    _copy_eval(results_dir / profile / src / ev.name, results_dir / profile / r / ev.name)
                 _say(f"[{profile}/{r}] {ev.name}: {time.time() - t0:.0f} s")
 
     # the runs with the most evaluations first, so parallel workers finish close together
-    runs = sorted(runs, key=lambda r: -len(evals[r]))
+    # (reusing runs last: they wait for the run they reuse)
+    runs = sorted(runs, key=lambda r: (same_as[r] != r, -len(evals[r])))
     if jobs == 1:
         for r in runs:
             one_run(r)

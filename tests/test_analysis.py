@@ -95,3 +95,16 @@ def test_tables_read_the_main_evaluation_not_its_ablations(tmp_path):
     assert r.value("nll_test") == pytest.approx(3.75) and r.value("nll_test", "beta_tilde") == pytest.approx(9.99)
     md = report.to_markdown(report.table1(load_profile(tmp_path, "quick")))
     assert "3.750" in md and "9.99" not in md
+
+
+def test_report_refreshes_the_tables_embedded_in_results_readme(tmp_path):
+    write_run(tmp_path, "quick", "eps_simple", evals=paper_like(fid=41.5))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n\nreading above\n<!-- tables:quick -->\nstale 99.99\n<!-- /tables:quick -->\n"
+                      "reading below\n")
+    assert readme in report.write_report(tmp_path, "quick")
+    text = readme.read_text()
+    assert "stale" not in text and "41.50" in text and "#### Table 1" in text
+    assert text.startswith("# Results\n\nreading above\n") and text.endswith("<!-- /tables:quick -->\nreading below\n")
+    report.write_report(tmp_path, "quick")  # idempotent
+    assert readme.read_text() == text

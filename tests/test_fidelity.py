@@ -122,3 +122,20 @@ def test_fid_cli_end_to_end_offline(cifar_features, weights, tmp_path, monkeypat
     idx = np.random.RandomState(2020).choice(N_HALF, n, replace=False)
     expected = F.fid_from_features(feats[:N_HALF][idx], feats[N_HALF:][idx])
     assert out["fid"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_folder_reference_sets_are_cached_by_content(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    for i in range(6):
+        img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        img.save(tmp_path / "a" / f"{i}.png")
+        img.save(tmp_path / "b" / f"copy_{i}.png")  # same pixels, other folder and names
+    key = lambda spec, n, seed=2020: F.load_images(spec, n=n, seed=seed)[2]
+    assert key(str(tmp_path / "a"), 4) == key(f"folder:{tmp_path / 'b'}", 4)
+    assert len({key(str(tmp_path / "a"), 4), key(str(tmp_path / "a"), 5), key(str(tmp_path / "a"), 4, seed=1)}) == 3
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b" / "copy_0.png")  # one image changes
+    assert key(str(tmp_path / "a"), None) != key(str(tmp_path / "b"), None)

@@ -8,7 +8,6 @@ call finds everything done and skips it (an interrupted reproduction resumes).
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -68,9 +67,42 @@ def test_tables_are_regenerated_with_the_papers_numbers(smoke):
     assert "smoke profile: 4 steps" in md  # each table says at what scale its numbers are
 
 
+def test_the_fid_floor_of_real_images_is_measured_at_the_same_size(smoke):
+    results, _, _ = smoke
+    floor = json.loads((results / "fid_floor.json").read_text())
+    assert set(floor) == {"cifar10", "mnist"}
+    for f, v in floor.items():
+        assert v["n"] == 8 and v["n_reference"] == 32 and v["disjoint_from_reference"], f
+        assert v["fid"] > 0 and abs(v["kid"]) < 0.1  # real vs real: KID (unbiased) near 0
+    assert "### The floor: FID / KID of real images" in (results / "tables.md").read_text()
+
+
+def test_runs_go_in_parallel_and_a_run_with_an_identical_config_is_reused(smoke):
+    results, first, _ = smoke
+    assert "runs, 2 at a time" in first  # a 2-core machine: two runs at once, one core each
+    # smoke's CelebA-HQ stand-in is configured exactly like eps_simple: trained and evaluated once
+    reuse = json.loads((results / "celebahq" / "train.json").read_text())
+    own = json.loads((results / "eps_simple" / "train.json").read_text())
+    assert reuse["same_as"] == "eps_simple" and reuse["family"] == "celebahq" and "stands in" in reuse["data_note"]
+    assert reuse["config"] == own["config"] and "same_as" not in own
+    assert (results / "celebahq" / "figures" / "metrics.json").read_bytes() == \
+        (results / "eps_simple" / "figures" / "metrics.json").read_bytes()
+    assert sum("ddpm train" in line for line in first.splitlines()) == len(runs_for(EXPERIMENTS)) - 1
+
+
+def test_each_run_keeps_its_last_sample_grid_and_the_report_shows_them(smoke):
+    results, _, _ = smoke
+    for run in runs_for(EXPERIMENTS):
+        assert (results / run / "samples.png").stat().st_size > 0
+    assert (results / "figures" / "samples_by_run.png").exists()
+    md = (results / "tables.md").read_text()
+    assert "### Runs: training outcome" in md and "finished (reuses eps_simple)" in md
+
+
 def test_second_call_resumes_by_skipping_finished_work(smoke):
     _, first, second = smoke
-    assert "skipped" not in first
+    # the first call skips only what the reusing run finds done by the run it reuses
+    assert all(line.startswith("celebahq| ") for line in first.splitlines() if "skipped" in line)
     n_evals = sum(1 for line in second.splitlines() if "done earlier, skipped" in line)
     assert n_evals == len({(r, ev.name) for e in EXPERIMENTS.values() for r in e.runs for ev in e.evals})
     assert "ddpm train" not in second and "ddpm eval" not in second

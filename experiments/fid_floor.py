@@ -1,0 +1,98 @@
+"""The FID/KID that real images get at a profile's evaluation size: the floor a model's
+numbers are read against.
+
+FID is biased upwards at small N, so the quick profile's FID of 48 samples is not
+comparable with the paper's FID of 50,000; what a small-N number means is shown by
+what real data gets under exactly the same protocol. For each dataset family of a
+profile this takes N real training images that are *not* in the FID reference subset,
+and measures them against that reference (the same spec, subset, seed and Inception
+as `python -m ddpm eval`, so the cached reference features are shared):
+
+    python -m experiments.fid_floor --profile quick      # -> results/quick/fid_floor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .registry import EVAL_SIZE, PROFILES, RUNS, run_config_args
+
+FAMILIES = {"cifar10": "eps_simple", "mnist": "mnist_seed"}  # a run that shows each family's config
+
+
+def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1) -> dict:
+    from ddpm.config import get_preset
+    from ddpm.evaluate import dataset_spec, device_description, git_commit
+    from ddpm.fidelity import compute_metrics, load_images
+
+    size = EVAL_SIZE[profile]
+    preset, overrides = run_config_args(RUNS[FAMILIES[family]], profile)
+    cfg = get_preset(preset, overrides)
+    spec = dataset_spec(cfg, "train", data_dir)
+    fit = (cfg.data.channels, cfg.data.resolution)
+    t0 = time.time()
+    ref, ref_desc, ref_key = load_images(spec, data_dir, size["ref_n"], seed=2020, resize_to=fit)
+    everything, _, _ = load_images(spec, data_dir, None, resize_to=fit)
+    # the reference subset's indices, drawn as fidelity._subset draws them
+    N = everything.shape[0]
+    in_ref = np.zeros(N, bool)
+    if size["ref_n"] is not None and size["ref_n"] < N:
+        in_ref[np.random.RandomState(2020).choice(N, size["ref_n"], replace=False)] = True
+    else:
+        in_ref[:] = True  # the whole split is the reference: real images can only come from it
+    pool = np.flatnonzero(~in_ref) if (~in_ref).any() else np.arange(N)
+    pick = np.random.RandomState(seed).choice(pool, size["n"], replace=False)
+    real = everything[pick]
+    m = compute_metrics(real, ref, ("fid", "kid"), weights=weights, reference_key=ref_key,
+                        reference_desc=ref_desc, progress=True)
+    return {"family": family, "profile": profile, "fid": m["fid"], "kid": m["kid"], "kid_std": m["kid_std"],
+            "n": int(real.shape[0]), "n_reference": m["n_reference"], "reference": m["reference"],
+            "real_images": f"{spec}: {len(pick)} images outside the reference subset, numpy "
+                           f"RandomState({seed}).choice" + ("" if (~in_ref).any() else
+                                                           " (from the reference itself: none outside it)"),
+            "disjoint_from_reference": bool((~in_ref).any()), "inception": m["inception"],
+            "git_commit": git_commit(), "device": device_description("cpu"),
+            "elapsed_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.fid_floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", choices=PROFILES, required=True)
+    p.add_argument("--families", default=None,
+                   help="comma list of cifar10, mnist (default: those with runs under results/PROFILE/)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--inception-weights", default=None)
+    args = p.parse_args(argv)
+    path = Path(args.results_dir) / args.profile / "fid_floor.json"
+    if args.families:
+        families = args.families.split(",")
+    else:
+        trained = {json.loads(t.read_text()).get("family") for t in path.parent.glob("*/train.json")}
+        families = [f for f in FAMILIES if f in trained]
+    if not families:
+        print(f"no cifar10 or mnist runs under {path.parent}/: nothing to do")
+        return 0
+    from ddpm.data import DataError
+    from ddpm.fidelity import FidelityError
+
+    try:
+        out = {f: floor(args.profile, f, args.data_dir, args.inception_weights) for f in families}
+    except (FidelityError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({f: {k: v[k] for k in ("fid", "kid", "n", "n_reference")} for f, v in out.items()}))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
