@@ -12,6 +12,7 @@ A checkpoint is one ``torch.save`` file holding a dict:
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -41,6 +42,25 @@ def atomic_write_bytes(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write_bytes`` for text (UTF-8): configs, run records, metrics."""
+    atomic_write_bytes(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def git_commit() -> str:
+    """The commit of this checkout, for provenance records; "+dirty(ddpm/)" when the library
+    has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."],
+                               cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
+        return sha + ("+dirty(ddpm/)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
 
 
 def save_checkpoint(path, state: Dict[str, Any]) -> None:

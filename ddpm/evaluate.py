@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -43,6 +42,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text, git_commit
 from .diffusion import GaussianDiffusion, Model, VarType, _enum
 from .generate import PIXEL_MAP, SAMPLER, from_uint8, generate, shard_seed
 
@@ -141,18 +141,6 @@ def table4_rows(rd: Dict[str, np.ndarray]) -> list:
 # --------------------------------------------------------------------------- provenance
 
 
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ddpm"],
-                               cwd=here, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty(ddpm/)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
 def device_description(device) -> str:
     d = torch.device(device)
     if d.type == "cuda":
@@ -161,9 +149,7 @@ def device_description(device) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def _json_default(o):

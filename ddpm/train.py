@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, git_commit, read_checkpoint, save_checkpoint
 from .config import Config, build_diffusion, build_model
 from .data import batch_stream, load_dataset, to_model_range
 from .unet import num_params
@@ -88,20 +87,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:  # no git, not a checkout: the record just says null
-        return None
 
 
 @dataclass
@@ -319,12 +304,12 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         out.mkdir(parents=True, exist_ok=True)
         for tmp in out.glob("*.tmp"):  # left by a kill during an atomic write
             tmp.unlink()
-        _atomic_write_text(out / CONFIG, cfg.to_json() + "\n")
-        _atomic_write_text(out / RUN, json.dumps({
+        atomic_write_text(out / CONFIG, cfg.to_json() + "\n")
+        atomic_write_text(out / RUN, json.dumps({
             "num_params": n_params, "world_size": d.world_size, "device": str(dev),
             "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                             else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
-            "torch": torch.__version__, "python": platform.python_version(), "git_commit": _git_commit(),
+            "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
             "dataset": getattr(dataset, "name", cfg.data.dataset), "dataset_size": len(dataset),
             "command": command or " ".join(sys.argv), "resumed_from_step": step or None,
         }, indent=2) + "\n")
@@ -333,7 +318,7 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         if stats_path.exists():
             keep = [ln for ln in stats_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            _atomic_write_text(stats_path, "".join(ln + "\n" for ln in keep))
+            atomic_write_text(stats_path, "".join(ln + "\n" for ln in keep))
         log(f"training {cfg.data.dataset} ({len(dataset):,} images), {n_params:,} params, "
             f"global batch {tc.batch_size} over {d.world_size} process(es) on {dev}, "
             f"steps {step}..{tc.steps} -> {out}")
