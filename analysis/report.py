@@ -230,7 +230,7 @@ def samples_figure(runs: Dict[str, RunResult], base: Path, path: Path) -> Option
     T = ((first.train.get("config") or {}).get("diffusion") or {}).get("T", "?")
     fig.suptitle(f"Samples at the end of training ({first.profile} profile)\nEMA weights, T={T}-step "
                  "ancestral sampling, the same noise for every run", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.8 * rows + 0.4)))  # room for the two-line title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
