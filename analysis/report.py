@@ -91,8 +91,9 @@ def table1(runs: Dict[str, RunResult]) -> Table:
 def table2(runs: Dict[str, RunResult]) -> Table:
     def cell(name):
         r = runs.get(name)
-        if _status_cell(r):
-            return _status_cell(r)
+        blocked = _status_cell(r)
+        if blocked:
+            return blocked
         if r.metric("fid") is None:
             return "not run"
         kid = r.metric("kid")  # unbiased at small N, where FID is not: shown when measured

@@ -364,13 +364,20 @@ def compute_metrics(images, reference=None, metrics: Iterable[str] = ("fid", "ki
 # ------------------------------------------------------------------------ image sources
 
 
-def _subset(images: torch.Tensor, n: Optional[int], seed: int) -> Tuple[torch.Tensor, str]:
-    """A random subset of ``n`` images, chosen as in torch-fidelity's reference protocol
-    (PAPER.md): numpy.random.RandomState(seed).choice(N, n, replace=False)."""
-    N = images.shape[0]
+def subset_indices(N: int, n: Optional[int], seed: int) -> Optional[np.ndarray]:
+    """The indices of the random subset of ``n`` of ``N`` images that load_images takes, chosen
+    as in torch-fidelity's reference protocol (PAPER.md): numpy.random.RandomState(seed).choice(N,
+    n, replace=False); None when the subset is the whole set."""
     if n is None or n >= N:
+        return None
+    return np.random.RandomState(seed).choice(N, n, replace=False)
+
+
+def _subset(images: torch.Tensor, n: Optional[int], seed: int) -> Tuple[torch.Tensor, str]:
+    N = images.shape[0]
+    idx = subset_indices(N, n, seed)
+    if idx is None:
         return images, f"all {N}"
-    idx = np.random.RandomState(seed).choice(N, n, replace=False)
     return images[torch.from_numpy(idx)], f"{n} of {N} chosen by numpy RandomState({seed}).choice(replace=False)"
 
 

@@ -27,9 +27,10 @@ FAMILIES = {"cifar10": "eps_simple", "mnist": "mnist_seed"}  # a run that shows 
 
 
 def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1) -> dict:
+    from ddpm.checkpoint import git_commit
     from ddpm.config import get_preset
-    from ddpm.evaluate import dataset_spec, device_description, git_commit
-    from ddpm.fidelity import compute_metrics, load_images
+    from ddpm.evaluate import dataset_spec, device_description
+    from ddpm.fidelity import compute_metrics, load_images, subset_indices
 
     size = EVAL_SIZE[profile]
     preset, overrides = run_config_args(RUNS[FAMILIES[family]], profile)
@@ -39,13 +40,10 @@ def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1)
     t0 = time.time()
     ref, ref_desc, ref_key = load_images(spec, data_dir, size["ref_n"], seed=2020, resize_to=fit)
     everything, _, _ = load_images(spec, data_dir, None, resize_to=fit)
-    # the reference subset's indices, drawn as fidelity._subset draws them
     N = everything.shape[0]
     in_ref = np.zeros(N, bool)
-    if size["ref_n"] is not None and size["ref_n"] < N:
-        in_ref[np.random.RandomState(2020).choice(N, size["ref_n"], replace=False)] = True
-    else:
-        in_ref[:] = True  # the whole split is the reference: real images can only come from it
+    ref_idx = subset_indices(N, size["ref_n"], seed=2020)  # the reference subset load_images took
+    in_ref[slice(None) if ref_idx is None else ref_idx] = True  # whole split: none is outside it
     pool = np.flatnonzero(~in_ref) if (~in_ref).any() else np.arange(N)
     pick = np.random.RandomState(seed).choice(pool, size["n"], replace=False)
     real = everything[pick]

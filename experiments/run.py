@@ -159,11 +159,16 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
     rc = _call(cmd, runs_dir / profile / name / f"eval_{ev.name}.log")
     if rc != 0:
         raise SystemExit(f"[{profile}/{name}] evaluation {ev.name} failed (exit {rc})")
-    out.mkdir(parents=True, exist_ok=True)
-    # metrics.json last: its presence marks the evaluation as done
+    _copy_results(work, out)
+
+
+def _copy_results(src: Path, dst: Path) -> None:
+    """An evaluation's RESULT_FILES from ``src`` to ``dst``, metrics.json last: its presence
+    marks the evaluation as done."""
+    dst.mkdir(parents=True, exist_ok=True)
     for pattern in RESULT_FILES[::-1]:
-        for f in sorted(work.glob(pattern)):
-            shutil.copy2(f, out / f.name)
+        for f in sorted(src.glob(pattern)):
+            shutil.copy2(f, dst / f.name)
 
 
 def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) -> None:
@@ -177,13 +182,6 @@ def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) ->
     (out / "train.json").write_text(json.dumps(mine, indent=2))
     if (results_dir / profile / src / "samples.png").exists():
         shutil.copy2(results_dir / profile / src / "samples.png", out / "samples.png")
-
-
-def _copy_eval(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.name != "metrics.json")
-    for f in files + [src / "metrics.json"]:  # metrics.json last: it marks the evaluation done
-        shutil.copy2(f, dst / f.name)
 
 
 def default_jobs() -> int:
@@ -248,7 +246,7 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
                 t0 = time.time()
                 eval_run(src, ev, profile, runs_dir, results_dir, data_dir)
                 if src != r:
-                    _copy_eval(results_dir / profile / src / ev.name, results_dir / profile / r / ev.name)
+                    _copy_results(results_dir / profile / src / ev.name, results_dir / profile / r / ev.name)
                 _say(f"[{profile}/{r}] {ev.name}: {time.time() - t0:.0f} s")
 
     # the runs with the most evaluations first, so parallel workers finish close together
