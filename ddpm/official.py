@@ -24,6 +24,11 @@ publishes both google/ddpm-<name>-256 and google/ddpm-ema-<name>-256: evaluate t
 sign of non-EMA weights. ``load_diffusers_folder`` refuses ``ema=False``: there is no
 second set to load.
 
+The other direction, our checkpoints written as such a folder, is ddpm.export
+(``python -m ddpm export``); it uses the same name table, inverted
+(``to_diffusers_state_dict``), and the inverse config maps (``diffusers_config``,
+``scheduler_config``).
+
 Nothing here downloads anything. To evaluate the released CIFAR10 model, fetch the
 folder once where there is internet, e.g.
     hf download google/ddpm-cifar10-32 --local-dir ddpm-cifar10-32
@@ -33,15 +38,18 @@ files by hand, then ``python -m ddpm eval --checkpoint ddpm-cifar10-32``.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError
-from .config import Config, build_diffusion, build_model, get_preset
+from . import diffusion as D
+from .checkpoint import CheckpointError, atomic_write_bytes
+from .config import Config, DiffusionConfig, build_diffusion, build_model, get_preset
 
 CONFIG_FILE = "config.json"
 SCHEDULER_FILE = "scheduler_config.json"
@@ -131,14 +139,17 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict[str, Any]] = None,
-                          source: str = CONFIG_FILE, scheduler_source: str = SCHEDULER_FILE) -> Config:
+                          source: str = CONFIG_FILE, scheduler_source: str = SCHEDULER_FILE,
+                          base: Optional[Config] = None) -> Config:
     """Our Config for a diffusers UNet2DModel config (and optional DDPMScheduler config).
 
     The network fields come from ``unet_cfg``; training and data fields from the preset
     of its resolution (PRESET_FOR_RESOLUTION: the data fields of the 256 preset name
-    CelebA-HQ; for LSUN church override data.path). The reverse variance is the
-    scheduler config's variance_type where there is one. Anything our UNet does not implement
-    (another time embedding, multi-head attention, ...) is an error naming the key.
+    CelebA-HQ; for LSUN church override data.path), or from ``base``, the full config
+    that our export stores in the weights' metadata (then any resolution is fine, and
+    the result must equal ``base``). The schedule, T, parameterization and reverse
+    variance come from the scheduler config where there is one. Anything our UNet does
+    not implement (another time embedding, multi-head attention, ...) is an error naming the key.
     """
     def bad(msg):
         return OfficialWeightsError(f"{source}: {msg}")
@@ -156,7 +167,7 @@ def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict
         if len(set(resolution)) != 1:
             raise bad(f"sample_size={resolution}: only square images are supported")
         resolution = resolution[0]
-    if resolution not in PRESET_FOR_RESOLUTION:
+    if base is None and resolution not in PRESET_FOR_RESOLUTION:
         raise bad(f"sample_size={resolution!r}; released DDPM resolutions are "
                   f"{', '.join(map(str, PRESET_FOR_RESOLUTION))}")
     in_ch, out_ch = unet_cfg.get("in_channels", 3), unet_cfg.get("out_channels", 3)
@@ -183,19 +194,27 @@ def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict
         if d == "AttnDownBlock2D":
             attn_resolutions.append(resolution // 2 ** level)
 
-    cfg = get_preset(PRESET_FOR_RESOLUTION[resolution])
+    cfg = get_preset(PRESET_FOR_RESOLUTION[resolution]) if base is None else copy.deepcopy(base)
     m = cfg.model
     m.ch, m.ch_mult, m.num_res_blocks = ch, ch_mult, int(unet_cfg.get("layers_per_block", 2))
     m.attn_resolutions = tuple(attn_resolutions)
     cfg.data.resolution, cfg.data.channels = resolution, in_ch
     if scheduler_cfg is not None:
         _apply_scheduler(cfg, scheduler_cfg, scheduler_source)
-    return cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if base is not None and cfg != base:
+        diff = [f"{s}.{k}" for s, d in cfg.to_dict().items() for k, v in d.items() if base.to_dict()[s][k] != v]
+        raise bad(f"the ddpm config stored with the weights disagrees with the diffusers configs in {', '.join(diff)}")
+    return cfg
 
 
 def diffusers_config(cfg: Config) -> Dict[str, Any]:
     """The inverse of config_from_diffusers for the network: UNet2DModel keyword arguments
-    that build diffusers' twin of ``build_model(cfg)`` (used by the speed benchmark)."""
+    that build diffusers' twin of ``build_model(cfg)`` (used by ddpm.export and the speed
+    benchmark)."""
     m, res = cfg.model, cfg.data.resolution
     attn_levels = [res // 2 ** level in m.attn_resolutions for level in range(len(m.ch_mult))]
     if cfg.diffusion.var_type == "learned":
@@ -210,9 +229,29 @@ def diffusers_config(cfg: Config) -> Dict[str, Any]:
     return kwargs
 
 
-# The publisher's scheduler_config.json says which reverse variance the model was
-# released with (google/ddpm-cifar10-32: fixed_large; the 256 models: fixed_small).
+# DDPMScheduler's names for ours. The publisher's scheduler_config.json says which
+# reverse variance the model was released with (google/ddpm-cifar10-32: fixed_large;
+# the 256 models: fixed_small). Both match ours exactly for sampling: they differ from
+# ours only at index 0, where no noise is added (beta uses beta-tilde_2 there, which
+# matters for the NLL only). Our learned variance has no counterpart: the network's
+# extra channels are the log-variance itself, where DDPMScheduler's "learned" reads a
+# variance and "learned_range" an interpolation fraction (Nichol & Dhariwal 2021).
 VARIANCE_TYPES = {"fixed_large": "beta", "fixed_small": "beta_tilde"}
+# prediction_type: "sample" is x_0. Predicting the posterior mean (mu) has none.
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0"}
+# beta_schedule: "squaredcos_cap_v2" is Nichol & Dhariwal's cosine schedule with s = 0.008
+# and betas capped at 0.999, as diffusion.cosine_betas.
+SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+
+
+def _linear_endpoints(d: DiffusionConfig) -> Optional[Tuple[float, float]]:
+    """beta_1 and beta_T of our linear schedule for ``d`` (its beta_start/beta_end are the
+    endpoints for T = 1000; diffusion.linear_betas scales both by 1000/T); None for a T it rejects."""
+    try:
+        betas = D.make_betas("linear", d.T, d.beta_start, d.beta_end)
+    except (ValueError, TypeError):
+        return None
+    return float(betas[0]), float(betas[-1])
 
 
 def _apply_scheduler(cfg: Config, s: Dict[str, Any], source: str) -> None:
@@ -220,16 +259,55 @@ def _apply_scheduler(cfg: Config, s: Dict[str, Any], source: str) -> None:
     # pre-0.1 name of num_train_timesteps.
     T = s.get("num_train_timesteps", s.get("timesteps", 1000))
     schedule = (s.get("beta_schedule", "linear"), s.get("beta_start", 1e-4), s.get("beta_end", 0.02))
-    if schedule != ("linear", 1e-4, 0.02) or T != cfg.diffusion.T or s.get("trained_betas") is not None:
-        raise OfficialWeightsError(f"{source}: schedule {schedule} with T={T} is not the paper's "
-                                   f"(linear 1e-4..0.02, T={cfg.diffusion.T})")
-    if s.get("prediction_type", "epsilon") != "epsilon":
-        raise OfficialWeightsError(f"{source}: prediction_type={s['prediction_type']!r}; only epsilon "
-                                   "prediction is supported")
+    ours = SCHEDULES.get(schedule[0]) if s.get("trained_betas") is None else None
+    if ours is None or s.get("rescale_betas_zero_snr") or not isinstance(T, int):
+        raise OfficialWeightsError(
+            f"{source}: schedule {schedule} with T={T} is not one of ours: linear (beta_start..beta_end, "
+            "the paper's 1e-4..0.02) or cosine (squaredcos_cap_v2)")
+    pred = s.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise OfficialWeightsError(f"{source}: prediction_type={pred!r}; supported: "
+                                   f"{', '.join(PREDICTION_TYPES)} (eps and x0 prediction)")
     var = s.get("variance_type", "fixed_small")
     if var not in VARIANCE_TYPES:
         raise OfficialWeightsError(f"{source}: variance_type={var!r}; supported: {', '.join(VARIANCE_TYPES)}")
-    cfg.diffusion.var_type = VARIANCE_TYPES[var]
+    d = cfg.diffusion
+    d.T, d.schedule, d.mean_type, d.var_type = T, ours, PREDICTION_TYPES[pred], VARIANCE_TYPES[var]
+    if ours == "linear":
+        # The file holds beta_1 and beta_T; our config the endpoints for T = 1000. Keep the
+        # config's own values where they give the file's (exact: no rounding through 1000/T).
+        ends = _linear_endpoints(d)
+        if not (ends and all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(schedule[1:], ends))):
+            d.beta_start, d.beta_end = schedule[1] * T / 1000, schedule[2] * T / 1000
+    else:
+        d.beta_start, d.beta_end = DiffusionConfig().beta_start, DiffusionConfig().beta_end  # unused by cosine
+
+
+def scheduler_config(cfg: Config) -> Dict[str, Any]:
+    """The inverse of _apply_scheduler: the DDPMScheduler config (scheduler_config.json)
+    that samples as ``build_diffusion(cfg)`` does, or OfficialWeightsError saying why
+    DDPMScheduler cannot express ``cfg``."""
+    d = cfg.diffusion
+    if d.var_type not in VARIANCE_TYPES.values():
+        raise OfficialWeightsError(
+            f"diffusers' DDPMScheduler cannot express diffusion.var_type={d.var_type!r}: our network outputs "
+            "the log-variance itself, its 'learned' reads a variance and 'learned_range' an interpolation "
+            "fraction; export --format safetensors instead")
+    if d.mean_type not in PREDICTION_TYPES.values():
+        raise OfficialWeightsError(
+            f"diffusers' DDPMScheduler cannot express diffusion.mean_type={d.mean_type!r} (the network predicts "
+            "the posterior mean); its prediction types are epsilon, sample (x0) and v_prediction; export "
+            "--format safetensors instead")
+    inverse = {ours: theirs for table in (VARIANCE_TYPES, PREDICTION_TYPES, SCHEDULES)
+               for theirs, ours in table.items()}
+    # DDPMScheduler's linear schedule is linspace(beta_start, beta_end, T): our beta_1 and beta_T.
+    beta_start, beta_end = _linear_endpoints(d) if d.schedule == "linear" else (d.beta_start, d.beta_end)
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": d.T, "beta_schedule": inverse[d.schedule],
+            "beta_start": beta_start, "beta_end": beta_end, "trained_betas": None,
+            "variance_type": inverse[d.var_type], "prediction_type": inverse[d.mean_type],
+            # our sampler clips the predicted x_0 to [-1, 1] (sampling.py), as the official code
+            "clip_sample": True, "clip_sample_range": 1.0, "thresholding": False,
+            "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False}
 
 
 # ---------------------------------------------------------------------- the name map
@@ -366,7 +444,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 
 
-def read_safetensors(path) -> Dict[str, torch.Tensor]:
+def read_safetensors(path, with_metadata: bool = False):
+    """{name: tensor} from a safetensors file; with ``with_metadata``, also its header's
+    __metadata__ ({str: str}, {} when absent)."""
     path = Path(path)
     data = path.read_bytes()
     try:
@@ -375,6 +455,7 @@ def read_safetensors(path) -> Dict[str, torch.Tensor]:
     except (struct.error, ValueError) as e:
         raise OfficialWeightsError(f"{path} is not a safetensors file ({e})") from e
     body = memoryview(data)[8 + n:]
+    metadata = header.get("__metadata__") or {}
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -387,17 +468,51 @@ def read_safetensors(path) -> Dict[str, torch.Tensor]:
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         out[name] = flat.reshape(info["shape"])
-    return out
+    return (out, metadata) if with_metadata else out
 
 
-def read_diffusers_weights(unet_dir: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
+def write_safetensors(path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``tensors`` as a safetensors file (atomically), with ``metadata`` ({str: str})
+    in the header: the inverse of read_safetensors, needing only torch. The header is
+    padded with spaces to a multiple of 8 bytes, as the safetensors package writes it."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        if value.dtype not in names:
+            raise OfficialWeightsError(f"tensor {name} has dtype {value.dtype}, which this writer does not cover")
+        blob = value.reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian on every torch platform
+        header[name] = {"dtype": names[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, write)
+
+
+def read_diffusers_weights(unet_dir: Path, with_metadata: bool = False):
+    """({name: tensor}, the file read) from a diffusers UNet folder, safetensors preferred;
+    with ``with_metadata``, also the safetensors metadata ({} for a .bin)."""
     for name in WEIGHT_FILES:
         path = unet_dir / name
         if path.is_file():
             if name.endswith(".safetensors"):
-                return read_safetensors(path), path
+                weights, metadata = read_safetensors(path, with_metadata=True)
+                return (weights, path, metadata) if with_metadata else (weights, path)
             try:
-                return torch.load(path, map_location="cpu", weights_only=True), path
+                weights = torch.load(path, map_location="cpu", weights_only=True)
+                return (weights, path, {}) if with_metadata else (weights, path)
             except Exception as e:
                 raise OfficialWeightsError(f"cannot read {path} ({type(e).__name__}: {e}); download it again") from e
     raise OfficialWeightsError(f"{unet_dir} holds {CONFIG_FILE} but none of {', '.join(WEIGHT_FILES)}")
@@ -418,20 +533,27 @@ def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
     checkpoint dict: format "diffusers-folder", config, step -1 (the files do not
     record the training step; -1 is what ddpm.evaluate writes for "unknown"), ema (our
     state dict), plus source, weights_file, scheduler_file and diffusers_config.
+
+    A folder written by ``python -m ddpm export`` (ddpm.export) carries our full config,
+    the step and which weights it holds (EMA or raw) in the safetensors metadata: those
+    are used, so such a folder loads back as the checkpoint it came from.
     """
     folder = Path(folder)
-    if not ema:
-        raise OfficialWeightsError(
-            f"{folder} is a diffusers folder with one set of weights, the released (EMA) ones; "
-            "there are no raw weights to load with ema=False (--no-ema)")
     unet_dir = _unet_dir(folder)
     unet_cfg = _read_json(unet_dir / CONFIG_FILE)
     scheduler_cfg, scheduler_file = _scheduler_config(folder, unet_dir)
-    cfg = config_from_diffusers(unet_cfg, scheduler_cfg, str(unet_dir / CONFIG_FILE), scheduler_file)
-    theirs, weights_file = read_diffusers_weights(unet_dir)
+    theirs, weights_file, meta = read_diffusers_weights(unet_dir, with_metadata=True)
+    base = Config.from_dict(json.loads(meta["ddpm_config"])) if "ddpm_config" in meta else None
+    holds = meta.get("ddpm_weights", "ema")
+    if ema != (holds == "ema"):
+        raise OfficialWeightsError(
+            f"{folder} is a diffusers folder with one set of weights, the "
+            + ("released (EMA) ones; there are no raw weights to load with ema=False (--no-ema)" if not ema
+               else "raw (non-EMA) ones, exported with --no-ema; load them with ema=False (--no-ema)"))
+    cfg = config_from_diffusers(unet_cfg, scheduler_cfg, str(unet_dir / CONFIG_FILE), scheduler_file, base=base)
     ours = convert_state_dict(theirs, cfg)
     model = load_converted(build_model(cfg), ours)
-    state = {"format": "diffusers-folder", "config": cfg.to_dict(), "step": -1,
-             "ema": model.state_dict(), "source": str(folder), "weights_file": str(weights_file),
-             "scheduler_file": scheduler_file, "diffusers_config": unet_cfg}
+    state = {"format": "diffusers-folder", "config": cfg.to_dict(), "step": int(meta.get("ddpm_step", -1)),
+             "ema" if ema else "model": model.state_dict(), "source": str(folder),
+             "weights_file": str(weights_file), "scheduler_file": scheduler_file, "diffusers_config": unet_cfg}
     return cfg, model.eval(), build_diffusion(cfg), state

@@ -1,11 +1,13 @@
-"""The released weights' format (diffusers UNet2DModel) maps onto our UNet exactly.
+"""The released weights' format (diffusers UNet2DModel) maps onto our UNet exactly, both ways.
 
 Nothing is downloaded: the diffusers configurations of google/ddpm-cifar10-32 and
 google/ddpm-celebahq-256 are written out below (as published in their config.json),
 diffusers builds those networks with random weights, and our UNet, given the
-converted weights, must compute the same function. The parity tests need diffusers
-(`pip install diffusers`, the `official` extra) and skip with a reason without it;
-the config, name-map and file tests need only torch.
+converted weights, must compute the same function. The other way, `python -m ddpm
+export` writes our checkpoints as diffusers folders: they load back identically, and
+diffusers' UNet2DModel, DDPMScheduler and DDPMPipeline read them offline and compute
+what ours do. The parity tests need diffusers (`pip install diffusers`, the `official`
+extra) and skip with a reason without it; the config, name-map and file tests need only torch.
 """
 
 import copy
@@ -13,12 +15,16 @@ import json
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 
+from ddpm import cli
+from ddpm import export as X
 from ddpm import official as O
-from ddpm.checkpoint import CheckpointError, load_model
-from ddpm.config import build_model, get_preset
+from ddpm.checkpoint import CheckpointError, load_model, save_checkpoint
+from ddpm.config import Config, build_diffusion, build_model, get_preset
+from ddpm.sampling import p_sample
 from ddpm.unet import num_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for the hub here
@@ -139,18 +145,26 @@ def test_256_config_is_the_papers_256_network():
     assert num_params(build_model(cfg)) == 113_673_219  # the paper's "about 114M"
 
 
-def test_scheduler_config_sets_the_variance_and_checks_the_schedule():
+def test_scheduler_config_sets_schedule_parameterization_and_variance():
     sched = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
              "num_train_timesteps": 1000, "variance_type": "fixed_small"}
-    assert O.config_from_diffusers(CIFAR10_CONFIG, sched).diffusion.var_type == "beta_tilde"
+    assert O.config_from_diffusers(CIFAR10_CONFIG, sched).diffusion == get_preset(
+        "cifar10", ["diffusion.var_type=beta_tilde"]).diffusion
     # the oldest file format (google/ddpm-cifar10-32's first upload) says "timesteps"
     old = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "timesteps": 1000,
            "variance_type": "fixed_large"}
     assert O.config_from_diffusers(CIFAR10_CONFIG, old).diffusion.var_type == "beta"
-    with pytest.raises(O.OfficialWeightsError, match="not the paper's"):
-        O.config_from_diffusers(CIFAR10_CONFIG, {**sched, "beta_schedule": "squaredcos_cap_v2"})
-    with pytest.raises(O.OfficialWeightsError, match="prediction_type"):
-        O.config_from_diffusers(CIFAR10_CONFIG, {**sched, "prediction_type": "v_prediction"})
+    d = O.config_from_diffusers(CIFAR10_CONFIG, {**sched, "beta_schedule": "squaredcos_cap_v2",
+                                                 "num_train_timesteps": 4000, "prediction_type": "sample"}).diffusion
+    assert (d.schedule, d.T, d.mean_type) == ("cosine", 4000, "x0")
+    # DDPMScheduler's beta_start/beta_end are beta_1/beta_T; ours the endpoints for T = 1000
+    d = O.config_from_diffusers(CIFAR10_CONFIG, {**sched, "beta_end": 0.04, "num_train_timesteps": 500}).diffusion
+    assert (d.T, d.beta_start, d.beta_end) == (500, pytest.approx(5e-5), pytest.approx(0.02))
+    for change, message in [({"beta_schedule": "scaled_linear"}, "not one of ours"),
+                            ({"prediction_type": "v_prediction"}, "prediction_type"),
+                            ({"variance_type": "learned_range"}, "variance_type")]:
+        with pytest.raises(O.OfficialWeightsError, match=message):
+            O.config_from_diffusers(CIFAR10_CONFIG, {**sched, **change})
 
 
 ABSENT = object()
@@ -306,3 +320,125 @@ def test_our_unet_on_the_device_matches_the_cpu():
         want = model(x, t)
         got = copy.deepcopy(model).to(DEVICE)(x.to(DEVICE), t.to(DEVICE)).cpu()
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------- export: ours -> diffusers
+
+
+def _tiny_cfg(**over):
+    """A 0.5M-parameter 8x8 network of the paper's family (attention at 4x4)."""
+    return get_preset("cifar10", {"data.dataset": "folder", "data.path": "images", "data.resolution": 8,
+                                  "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
+                                  "model.attn_resolutions": (4,), **over})
+
+
+def _checkpoint(path, cfg):
+    """A checkpoint whose raw and EMA weights differ (both randomized), at step 42."""
+    torch.manual_seed(0)
+    model, ema = _perturb(build_model(cfg), seed=1), _perturb(build_model(cfg), seed=2)
+    save_checkpoint(path, {"config": cfg.to_dict(), "step": 42, "model": model.state_dict(),
+                           "ema": ema.state_dict()})
+    return model, ema
+
+
+def _same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+EXPORTABLE = {
+    "paper-cifar10": {},  # linear 1e-4..0.02, T = 1000, sigma^2 = beta (fixed_large), eps
+    "linear-T50-beta_tilde": {"diffusion.T": 50, "diffusion.var_type": "beta_tilde"},
+    "cosine-x0": {"diffusion.T": 100, "diffusion.schedule": "cosine", "diffusion.mean_type": "x0",
+                  "diffusion.var_type": "beta_tilde"},
+}
+
+
+@pytest.mark.parametrize("over", EXPORTABLE.values(), ids=EXPORTABLE.keys())
+def test_export_to_diffusers_round_trips_and_diffusers_computes_the_same(diffusers, tmp_path, over):
+    cfg = _tiny_cfg(**over)
+    T = cfg.diffusion.T
+    _, ema = _checkpoint(tmp_path / "c.pt", cfg)
+    res = X.export_diffusers(tmp_path / "c.pt", tmp_path / "d")
+    assert sorted(res["files"]) == sorted(p.name for p in (tmp_path / "d").iterdir())
+
+    # ours -> diffusers folder -> ours: the same config, step and (EMA) weights
+    cfg2, back, _, state = load_model(tmp_path / "d")
+    assert cfg2 == cfg and state["step"] == 42 and _same_weights(back, ema)
+
+    # diffusers reads the folder (offline) as the same network ...
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(3, 3, 8, 8, generator=g), torch.tensor([0, T - 1, T // 2])
+    _same_outputs(back, diffusers.UNet2DModel.from_pretrained(tmp_path / "d"), x, t)
+    # ... and its DDPMPipeline/DDPMScheduler take our sampler's reverse step (Algorithm 2)
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "d")
+    assert isinstance(pipe.unet, diffusers.UNet2DModel) and isinstance(pipe.scheduler, diffusers.DDPMScheduler)
+    diffusion = build_diffusion(cfg)
+    np.testing.assert_allclose(pipe.scheduler.betas.double().numpy(), diffusion.betas, rtol=1e-6)
+    for step in (0, 1, T // 2, T - 1):
+        xt, model_out = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+        theirs = pipe.scheduler.step(model_out, step, xt, generator=torch.Generator().manual_seed(step)).prev_sample
+        noise = torch.randn(xt.shape, generator=torch.Generator().manual_seed(step))  # the same draw
+        ours, _ = p_sample(diffusion, lambda *_: model_out, xt, torch.full((2,), step), noise=noise)
+        torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)  # float32 vs float64 schedule
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
+
+
+def test_export_raw_weights_and_bare_safetensors_through_the_command_line(tmp_path, capsys):
+    cfg = _tiny_cfg()
+    model, ema = _checkpoint(tmp_path / "c.pt", cfg)
+    rc, out, _ = _cli(capsys, "export", "--checkpoint", tmp_path / "c.pt", "--format", "diffusers",
+                      "--out", tmp_path / "raw", "--no-ema")
+    assert rc == 0 and "raw weights of step 42" in out and "DDPMPipeline.from_pretrained" in out
+    assert _same_weights(load_model(tmp_path / "raw", ema=False)[1], model)
+    with pytest.raises(CheckpointError, match="raw"):
+        load_model(tmp_path / "raw")  # never the raw weights in place of the EMA ones
+
+    rc, out, _ = _cli(capsys, "export", "--checkpoint", tmp_path / "c.pt", "--format", "safetensors",
+                      "--out", tmp_path / "m.safetensors")
+    assert rc == 0 and "EMA weights of step 42" in out
+    cfg2, back, _, state = load_model(tmp_path / "m.safetensors")
+    assert cfg2 == cfg and state["step"] == 42 and _same_weights(back, ema)
+    tensors, meta = O.read_safetensors(tmp_path / "m.safetensors", with_metadata=True)
+    assert Config.from_dict(json.loads(meta["ddpm_config"])) == cfg and meta["ddpm_weights"] == "ema"
+    assert tensors.keys() == ema.state_dict().keys()
+
+    rc, _, err = _cli(capsys, "export", "--checkpoint", tmp_path / "c.pt", "--out", tmp_path / "raw")
+    assert rc == 2 and "nothing is overwritten" in err
+
+
+def test_safetensors_writer_matches_the_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="needs the safetensors package (comes with diffusers)")
+    from safetensors import safe_open
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.randn(2, 2, 1, 1).half(), "e": torch.tensor(1.5, dtype=torch.float64)}
+    O.write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt", "k": "v"})
+    got = st.load_file(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"diffusion.var_type": "learned", "diffusion.loss_type": "vlb"}, "var_type='learned'"),
+    ({"diffusion.mean_type": "mu"}, "mean_type='mu'"),
+], ids=["learned-variance", "mu-prediction"])
+def test_export_refuses_what_ddpmscheduler_cannot_express(tmp_path, capsys, over, reason):
+    """A one-line reason and nothing written; the bare safetensors export takes any config."""
+    cfg = _tiny_cfg(**over)
+    _, ema = _checkpoint(tmp_path / "c.pt", cfg)
+    rc, _, err = _cli(capsys, "export", "--checkpoint", tmp_path / "c.pt", "--out", tmp_path / "d")
+    assert rc == 2 and err.count("\n") == 1 and reason in err and "--format safetensors" in err
+    assert not (tmp_path / "d").exists()
+    X.export_safetensors(tmp_path / "c.pt", tmp_path / "m.safetensors")
+    cfg2, back, _, _ = load_model(tmp_path / "m.safetensors")
+    assert cfg2 == cfg and _same_weights(back, ema)
