@@ -3,13 +3,21 @@
     python -m analysis.check                  # judge the paper profile; report the others
     python -m analysis.check --profile quick  # report only (scaled runs are never judged)
 
-Exit status: 1 if a paper-profile result falls outside its tolerance, 0 otherwise
-(also when there is nothing to judge yet; that is printed).
+Verdicts at the paper profile, one per check:
+  ok       the value is within the tolerance (a difference equal to the tolerance up to
+           floating-point rounding is within: |3.52 - 3.17| is 0.3500000000000001 in floats);
+  FAIL     the value is outside it, or is not a finite number, or the run's training diverged
+           (every checked run is one the paper trained to a number, so divergence contradicts it);
+  no value the run was not run (or has not finished, or crashed), or the metric is missing or
+           unavailable (e.g. IS offline): reported with the reason, not judged.
+Exit status: 1 if any check FAILs, 0 otherwise (also when there is nothing to judge yet;
+that is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import List, Optional, Tuple
 
 from . import paper as P
@@ -32,9 +40,35 @@ CHECKS: List[Tuple[str, str, str, float, float, str]] = [
 RD_CHECKS = [(1000, "rate_bpd", P.TABLE4[1000][0], 0.05), (1000, "distortion_rmse", P.TABLE4[1000][1], 0.15)]
 
 
-def _value(run, key, field) -> Optional[float]:
+def within(value: float, ref: float, tol: float) -> bool:
+    """|value - ref| <= tol, counting a difference that equals tol up to rounding as within."""
+    diff = abs(value - ref)
+    return diff <= tol or math.isclose(diff, tol, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _training_reason(run) -> Optional[str]:
+    """Why a run has no results, from its train.json; None when it finished."""
+    if run is None:
+        return "not run"
+    if run.status == "diverged":
+        step = (run.train.get("stats", {}).get("last") or {}).get("step", "?")
+        return f"training diverged (near step {step})"
+    if run.status != "finished":
+        return f"training {run.status}"
+    return None
+
+
+def _lookup(run, key, field) -> Tuple[Optional[float], Optional[str]]:
+    """(value, None) or (None, why there is no value)."""
+    reason = _training_reason(run)
+    if reason:
+        return None, reason
     m = run.metric(key)
-    return None if m is None else m.get(field)
+    if m is None:
+        return None, "not evaluated"
+    if m.get(field) is None:
+        return None, str(m.get("unavailable", "no value recorded")).split(":")[0]
+    return float(m[field]), None
 
 
 def check_profile(results_dir, profile: str, judge: bool) -> int:
@@ -42,27 +76,29 @@ def check_profile(results_dir, profile: str, judge: bool) -> int:
     verb = "CHECK" if judge else "report"
     print(f"== {profile} profile ({'judged against the paper' if judge else 'scaled-down: reported, not judged'})")
     failures = checked = 0
-    rows = []
-    why_missing = {}
+    rows = []  # (name, value, why there is none, paper value, tolerance, why this tolerance)
     for run_name, key, field, ref, tol, why in CHECKS:
-        r = runs.get(run_name)
-        v = _value(r, key, field) if r and r.status == "finished" else None
-        if r is None or r.status != "finished":
-            why_missing[f"{run_name}.{key}"] = "not run" if r is None else f"training {r.status}"
-        elif r.metric(key) and r.metric(key).get("unavailable"):
-            why_missing[f"{run_name}.{key}"] = str(r.metric(key)["unavailable"]).split(":")[0]
-        rows.append((f"{run_name}.{key}", v, ref, tol, why))
+        rows.append((f"{run_name}.{key}", *_lookup(runs.get(run_name), key, field), ref, tol, why))
     r = runs.get("eps_simple")
-    rd = {row["reverse_step"]: row for row in (r.metric("rd") or {}).get("table4", [])} if r else {}
-    T = max(rd) if rd else None
+    reason = _training_reason(r)
+    rd = {} if reason else {row["reverse_step"]: row for row in (r.metric("rd") or {}).get("table4", [])}
+    if not reason and not rd:
+        reason = "not evaluated"
+    T = max(rd) if rd else None  # the full chain, whatever T is
     for step, field, ref, tol in RD_CHECKS:
-        o = rd.get(T) if T else None  # the full chain, whatever T is
-        rows.append((f"eps_simple.table4[{step}].{field}", o[field] if o else None, ref, tol, "Table 4"))
-    for name, v, ref, tol, why in rows:
+        o = rd.get(T) if T else None
+        rows.append((f"eps_simple.table4[{step}].{field}", None if o is None else float(o[field]), reason, ref, tol,
+                     "Table 4"))
+    for name, v, missing, ref, tol, why in rows:
         if v is None:
-            print(f"  {verb} {name:<40} no value (paper {ref}){': ' + why_missing.get(name, '') if name in why_missing else ''}")
+            if judge and missing and missing.startswith("training diverged"):
+                checked += 1
+                failures += 1
+                print(f"  FAIL {name:<40} {missing}; the paper reports {ref}")
+            else:
+                print(f"  {verb} {name:<40} no value (paper {ref}): {missing}")
             continue
-        ok = abs(v - ref) <= tol
+        ok = within(v, ref, tol)  # False for NaN and inf
         if judge:
             checked += 1
             failures += not ok
@@ -82,7 +118,7 @@ def main(argv=None) -> int:
     profiles = [args.profile] if args.profile else (profiles_present(args.results_dir) or ["paper"])
     failures = sum(check_profile(args.results_dir, prof, judge=(prof == "paper")) for prof in profiles)
     if failures:
-        print(f"{failures} result(s) outside the paper's tolerance")
+        print(f"{failures} check(s) failed: outside the paper's tolerance, not finite, or diverged")
     return 1 if failures else 0
 
 

@@ -108,3 +108,68 @@ def test_report_refreshes_the_tables_embedded_in_results_readme(tmp_path):
     assert text.startswith("# Results\n\nreading above\n") and text.endswith("<!-- /tables:quick -->\nreading below\n")
     report.write_report(tmp_path, "quick")  # idempotent
     assert readme.read_text() == text
+
+
+# ------------------------------------------------------------------ the check's verdicts
+
+
+def _verdicts(tmp_path, capsys, name="paper"):
+    rc = check.main(["--results-dir", str(tmp_path), "--profile", name])
+    out = capsys.readouterr().out
+    return rc, {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("  ")}, out
+
+
+@pytest.mark.parametrize("fid, verdict", [
+    (3.17, "ok"), (2.80, "FAIL"), (3.60, "FAIL"),  # at the paper, too low, too high
+    (3.17 + 0.35, "ok"), (3.17 - 0.35, "ok"),  # exactly at the tolerance: |3.52 - 3.17| = 0.3500000000000001
+    (3.17 + 0.3501, "FAIL"), (3.17 - 0.3501, "FAIL"),  # just outside
+    (float("nan"), "FAIL"), (float("inf"), "FAIL"),  # not a number is not a result within tolerance
+])
+def test_check_verdict_on_fid(tmp_path, capsys, fid, verdict):
+    write_run(tmp_path, "paper", "eps_simple", evals=paper_like(fid=fid))
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert lines["eps_simple.fid"].split()[0] == verdict, lines["eps_simple.fid"]
+    assert rc == (1 if verdict == "FAIL" else 0), out
+    assert lines["eps_simple.nll_test"].split()[0] == "ok"
+
+
+def test_check_tolerance_boundary_for_every_check():
+    for _, _, _, ref, tol, _ in check.CHECKS:
+        assert check.within(ref + tol, ref, tol) and check.within(ref - tol, ref, tol)
+        assert not check.within(ref + tol * 1.001, ref, tol) and not check.within(ref - tol * 1.001, ref, tol)
+
+
+def test_check_fails_a_diverged_run_the_paper_trained(tmp_path, capsys):
+    """eps_simple trained to FID 3.17 in the paper: its divergence at the paper profile is a failure
+    of every check on it, not 'nothing to judge yet'."""
+    write_run(tmp_path, "paper", "eps_simple", status="diverged", step=4321)
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert rc == 1, out
+    assert "nothing to judge" not in out
+    for name in ("eps_simple.fid", "eps_simple.is", "eps_simple.nll_test", "eps_simple.table4[1000].rate_bpd"):
+        assert lines[name].startswith("  FAIL") and "diverged (near step 4321)" in lines[name], lines[name]
+    # the same at a scaled profile is reported, not judged
+    write_run(tmp_path, "quick", "eps_simple", status="diverged", step=12)
+    rc, lines, out = _verdicts(tmp_path, capsys, "quick")
+    assert rc == 0 and "FAIL" not in out and "diverged (near step 12)" in lines["eps_simple.fid"]
+
+
+def test_check_reports_missing_and_unavailable_values_without_judging_them(tmp_path, capsys):
+    # nothing at all
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert rc == 0 and "nothing to judge yet" in out and "no value (paper 3.17): not run" in lines["eps_simple.fid"]
+    # IS unavailable offline, a run that crashed, a metric never evaluated
+    evals = paper_like()
+    evals["main"]["is"] = {"value": None, "std": None,
+                           "unavailable": "Inception Score not available offline: no logits layer"}
+    del evals["main"]["nll_train"]
+    write_run(tmp_path, "paper", "eps_simple", evals=evals)
+    write_run(tmp_path, "paper", "eps_vlb", status="failed")
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert rc == 0, out
+    assert lines["eps_simple.fid"].startswith("  ok")
+    assert "no value" in lines["eps_simple.is"] and "Inception Score not available offline" in lines["eps_simple.is"]
+    assert "no value" in lines["eps_simple.nll_train"] and "not evaluated" in lines["eps_simple.nll_train"]
+    assert "no value" in lines["eps_vlb.fid"] and "training failed" in lines["eps_vlb.fid"]
+    assert "no value" in lines["mu_vlb.fid"] and "not run" in lines["mu_vlb.fid"]
+    assert "nothing to judge" not in out

@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,6 @@ import torch
 from ddpm import evaluate as E
 from ddpm import figures as FIG
 from ddpm.diffusion import GaussianDiffusion, make_betas
-
-MNIST_ROOT = Path("/work/shared/data")
 
 
 def test_rate_distortion_sums_the_right_terms():
@@ -110,7 +109,7 @@ def tiny_checkpoint(tmp_path_factory):
     from ddpm.checkpoint import save_checkpoint
     from ddpm.config import build_model, get_preset
 
-    cfg = get_preset("smoke", ["diffusion.T=21"])
+    cfg = get_preset("tiny", ["diffusion.T=21"])
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -122,8 +121,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.skipif(not (MNIST_ROOT / "MNIST" / "raw").is_dir(), reason="MNIST not available")
-def test_eval_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
+def test_eval_command_end_to_end(tiny_checkpoint, shared_data, tmp_path, capsys):
     """NLL + rd through `python -m ddpm eval`, for both fixed variances of one checkpoint."""
     from ddpm.cli import main
 
@@ -131,7 +129,7 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
     for var in ("beta", "beta_tilde"):
         out = tmp_path / var
         rc = main(["eval", "--checkpoint", str(tiny_checkpoint), "--metrics", "nll,rd", "--nll-n", "3",
-                   "--nll-splits", "test", "--var", var, "--out", str(out), "--data-dir", str(MNIST_ROOT),
+                   "--nll-splits", "test", "--var", var, "--out", str(out), "--data-dir", str(shared_data),
                    "--seed", "4", "--no-figures", "--no-progress", "--device", "cpu"])
         assert rc == 0
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -158,8 +156,7 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert results["beta"]["value"] != pytest.approx(results["beta_tilde"]["value"], rel=1e-6)
 
 
-@pytest.mark.skipif(not (MNIST_ROOT / "MNIST" / "raw").is_dir(), reason="MNIST not available")
-def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, tmp_path, monkeypatch):
+def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
     """FID/KID from generated samples against MNIST test, offline: IS must be null with a reason."""
     from ddpm import fidelity as F
 
@@ -169,7 +166,7 @@ def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, tmp_path, monk
         pytest.skip(str(e))
     w = F.build_inception_weights(tmp_path / "inception.pth")
     monkeypatch.setenv(F.ENV_CACHE, str(tmp_path / "cache"))
-    rep = E.evaluate(tiny_checkpoint, ["fid", "kid", "is"], n=5, out_dir=tmp_path / "ev", data_dir=MNIST_ROOT,
+    rep = E.evaluate(tiny_checkpoint, ["fid", "kid", "is"], n=5, out_dir=tmp_path / "ev", data_dir=shared_data,
                      reference="mnist:test", reference_n=5, batch_size=3, inception_weights=w, figures=False,
                      progress=False, device="cpu")
     r = rep["results"]
@@ -196,7 +193,7 @@ def test_eval_on_a_folder_dataset_decodes_images_like_the_trainer(tmp_path):
     rng = np.random.default_rng(0)
     for k in range(3):
         Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-    cfg = get_preset("smoke", ["diffusion.T=21", "data.dataset=folder", f"data.path={folder}"])
+    cfg = get_preset("tiny", ["diffusion.T=21", "data.dataset=folder", f"data.path={folder}"])
     torch.manual_seed(0)
     model = build_model(cfg)
     save_checkpoint(tmp_path / "c.pt", {"config": cfg.to_dict(), "step": 1, "model": model.state_dict(),
@@ -206,3 +203,126 @@ def test_eval_on_a_folder_dataset_decodes_images_like_the_trainer(tmp_path):
     r = rep["results"]
     assert r["nll_train"]["n"] == 3 and "28x28" in r["nll_train"]["data"] and np.isfinite(r["nll_train"]["value"])
     assert r["nll_test"]["value"] is None and "no test split" in r["nll_test"]["unavailable"]
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _git(repo, *args) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _expected_commit(repo) -> str:
+    return _git(repo, "rev-parse", "HEAD") + ("+dirty(ddpm/)" if _git(repo, "status", "--porcelain", "--", "ddpm")
+                                              else "")
+
+
+@pytest.fixture(scope="module")
+def two_weights_checkpoint(tmp_path_factory):
+    """A checkpoint at step 7 whose EMA and raw weights differ, for a folder of 4 images."""
+    from PIL import Image
+
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import build_model, get_preset
+
+    base = tmp_path_factory.mktemp("two_weights")
+    folder = base / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{k}.png")
+    cfg = get_preset("tiny", ["diffusion.T=21", "data.dataset=folder", f"data.path={folder}"])
+    torch.manual_seed(0)
+    ema = build_model(cfg)
+    with torch.no_grad():
+        for p in ema.parameters():  # open the zero-initialized output layer too
+            p.add_(0.02 * torch.randn_like(p))
+    raw = build_model(cfg)
+    raw.load_state_dict(ema.state_dict())
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = base / "ckpt.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "step": 7, "model": raw.state_dict(), "ema": ema.state_dict()})
+    return path, cfg, folder
+
+
+def test_metrics_json_records_the_seed_step_commit_and_weights_actually_used(two_weights_checkpoint, tmp_path):
+    """Values, not keys: metrics.json's seed and weights (EMA or raw) reproduce its NLL, its
+    checkpoint_step is the checkpoint's step, and git_commit is this checkout's HEAD with the
+    dirty flag of ddpm/ as git reports it."""
+    from ddpm.checkpoint import read_checkpoint
+    from ddpm.config import build_diffusion, build_model
+    from ddpm.fidelity import load_images
+    from ddpm.generate import shard_seed
+
+    path, cfg, folder = two_weights_checkpoint
+    state = read_checkpoint(path)
+    images, _, _ = load_images(f"folder:{folder}", resize_to=(1, 28))
+    diffusion = build_diffusion(cfg)
+
+    def nll(weights: str, seed: int) -> float:
+        """The bound as bound_terms documents it: batch k (one batch here) draws its noise from a
+        generator seeded by shard_seed(seed, k); x0 = x / 127.5 - 1; clipped x0 predictions."""
+        model = build_model(cfg)
+        model.load_state_dict(state[weights])
+        g = torch.Generator().manual_seed(shard_seed(seed, 0))
+        x0 = images.float() / 127.5 - 1.0
+        with torch.no_grad():
+            out = diffusion.calc_bpd_loop(model.eval(), x0, clip_x0=True, max_batch=256, generator=g)
+        return float(out["total_bpd_b"].double().mean())
+
+    repo = Path(E.__file__).resolve().parents[1]
+    values = {}
+    for ema in (True, False):
+        before = _expected_commit(repo)
+        E.evaluate(path, ["nll"], nll_splits=["train"], ema=ema, seed=5, out_dir=tmp_path / f"ema{ema}",
+                   figures=False, progress=False, device="cpu")
+        after = _expected_commit(repo)  # others may commit or edit meanwhile: either state is right
+        m = json.loads((tmp_path / f"ema{ema}" / "metrics.json").read_text())
+        res = m["results"]["nll_train"]
+        for rec in (m["run"], res):
+            assert rec["seed"] == 5 and rec["checkpoint_step"] == 7 and rec["ema"] is ema
+            assert rec["git_commit"] in (before, after), (rec["git_commit"], before, after)
+        assert res["n"] == 4
+        assert res["value"] == pytest.approx(nll("ema" if ema else "model", 5), rel=1e-9)
+        values[ema] = res["value"]
+    # the checks above have power: the weights and the seed each change the value
+    assert abs(values[True] - values[False]) > 1e-3 * abs(values[True])
+    assert abs(nll("ema", 6) - values[True]) > 1e-6 * abs(values[True])
+
+
+def test_git_commit_flags_uncommitted_changes_to_the_library_only(tmp_path):
+    """checkpoint.git_commit() run from a copy of ddpm/ in a scratch repository: the bare commit
+    when clean, still bare after a change outside ddpm/, '+dirty(ddpm/)' after a change inside."""
+    import importlib
+    import importlib.util
+    import shutil
+    import sys
+
+    repo = tmp_path / "repo"
+    shutil.copytree(Path(E.__file__).parent, repo / "ddpm", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "notes.txt").write_text("a\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "scratch")
+    head = _git(repo, "rev-parse", "HEAD")
+    name = "ddpm_scratch_copy"
+    spec = importlib.util.spec_from_file_location(name, repo / "ddpm" / "__init__.py",
+                                                  submodule_search_locations=[str(repo / "ddpm")])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pkg
+    try:
+        spec.loader.exec_module(pkg)
+        ck = importlib.import_module(f"{name}.checkpoint")
+        assert Path(ck.__file__).resolve().parent == (repo / "ddpm").resolve()
+        assert ck.git_commit() == head
+        (repo / "notes.txt").write_text("b\n")  # outside the library
+        assert ck.git_commit() == head
+        with open(repo / "ddpm" / "sampling.py", "a") as f:
+            f.write("# an uncommitted edit\n")
+        assert ck.git_commit() == head + "+dirty(ddpm/)"
+    finally:
+        for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[k]
