@@ -7,7 +7,8 @@
 #   bash run_all.sh --profile quick table2 variance   # only some experiments
 #
 # Finished runs and evaluations are skipped, so an interrupted reproduction resumes where it
-# stopped: run the same command again. Data: $DDPM_DATA_DIR (default ./data); see README.md.
+# stopped: run the same command again. Data: $DDPM_DATA_DIR, ./data, ../shared/data (the first
+# that holds each dataset; downloaded into the first when none does); see README.md.
 # Extra options for experiments.run (--runs-dir, --results-dir) pass through.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,8 +41,8 @@ if [[ -z "$profile" ]]; then
 fi
 case "$profile" in paper|quick|smoke) ;; *) echo "unknown profile '$profile': paper | quick | smoke" >&2; exit 2 ;; esac
 
-export DDPM_DATA_DIR="${DDPM_DATA_DIR:-./data}"
-echo "data: DDPM_DATA_DIR=$DDPM_DATA_DIR   profile: $profile"
+echo "profile: $profile; data searched in: ${DDPM_DATA_DIR:+\$DDPM_DATA_DIR ($DDPM_DATA_DIR), }./data, ../shared/data" \
+     "(a dataset found in none is downloaded into the first; see ddpm/data.py)"
 
 results_dir=results
 n_experiments=0

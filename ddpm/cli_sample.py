@@ -3,9 +3,10 @@
     python -m ddpm sample --checkpoint RUN/final.pt --n 64 --out DIR [--var beta|beta_tilde]
                           [--ema/--no-ema] [--seed S] [--batch-size B] [--device D]
 
-writes DIR/images/000000.png ... (exactly N files, usable as an FID input folder),
-DIR/grid.png (the first 64) and DIR/sample.json (checkpoint, step, EMA, variance,
-seed, sampler). Sampling itself is ddpm.generate.generate: batch k is drawn from a
+writes DIR/images/000000.png ... (exactly N files), DIR/grid.png (the first 64) and
+DIR/sample.json (checkpoint, step, EMA, variance, seed, sampler). ``python -m ddpm fid
+DIR REF`` recognises such a folder (by sample.json) and reads DIR/images only. The
+checkpoint may also be a run directory (its final.pt) or a diffusers folder. Sampling itself is ddpm.generate.generate: batch k is drawn from a
 generator seeded by (seed, k), so the images do not depend on anything else run
 before. For 50k-sample FID runs use the shard-resumable generator of the ``fid``
 tooling instead of PNGs.
@@ -21,8 +22,17 @@ from .diffusion import VarType
 
 
 def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="draw samples from a checkpoint into PNGs and a grid")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. RUN/final.pt)")
+    from .cli import add_device_arg, add_threads_arg
+
+    p = subparsers.add_parser(
+        "sample", help="draw samples from a checkpoint into PNGs and a grid",
+        description="Draw N samples with ancestral sampling (DDPM Algorithm 2) into OUT/images/*.png, "
+                    "OUT/grid.png (the first 64) and OUT/sample.json (how they were drawn). The images "
+                    "depend only on the checkpoint, --seed, --batch-size, --var and --ema. OUT/images "
+                    "must be empty or absent: nothing is overwritten.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file (RUN/final.pt, RUN/last.pt), a run directory (its final.pt), "
+                        "or a diffusers folder (the released weights)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder (images/, grid.png, sample.json)")
     p.add_argument("--var", choices=[VarType.BETA.value, VarType.BETA_TILDE.value], default=None,
@@ -31,9 +41,12 @@ def add_subcommand(subparsers) -> None:
                         "diffusion.var_type")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default, as the paper) or the raw ones (--no-ema)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0,
+                   help="batch k draws its noise from a generator seeded by (seed, k) (default 0)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per sampling batch (default 64); part of what fixes the images")
+    add_device_arg(p)
+    add_threads_arg(p)
     p.set_defaults(func=_cmd_sample)
 
 
@@ -41,17 +54,20 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .cli import UsageError
+    from .cli import UsageError, resolve_checkpoint
     from .generate import SAMPLER, PIXEL_MAP, generate, write_pngs
     from .train import pick_device
 
     if args.n < 1 or args.batch_size < 1:
-        raise UsageError("--n and --batch-size must be positive")
+        raise UsageError(f"--n {args.n} and --batch-size {args.batch_size}: both must be positive")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     if (out / "images").exists() and any((out / "images").iterdir()):
         raise UsageError(f"{out / 'images'} already holds images; choose another --out (nothing is "
                          "overwritten)")
     dev = pick_device(args.device)
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
     cfg, model, diffusion, state = load_model(args.checkpoint, ema=args.ema)
     model.to(dev)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)

@@ -3,17 +3,29 @@
 The defaults below ARE the paper's CIFAR10 setup (../shared/PAPER.md, "Official
 setup"); every other preset is a set of overrides on top of them. Overrides use
 dotted keys, ``diffusion.var_type=beta_tilde``; unknown keys, ill-typed values and
-invalid ablation combinations are errors that name the valid choices.
+invalid ablation combinations are errors that name the valid choices (ConfigError,
+raised when the config is built, so that ``train --dry-run`` rejects whatever training
+would reject).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple, get_type_hints
 
 from . import diffusion as D
+
+
+class ConfigError(ValueError, KeyError):
+    """A config that cannot be built or run (unknown key, ill-typed or out-of-range value,
+    meaningless combination); the message says why. A ValueError, and a KeyError for unknown
+    keys and presets, as before; printed as is (no KeyError quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -21,6 +33,7 @@ class DataConfig:
     dataset: str = "cifar10"  # mnist | cifar10 | folder (any folder of images, e.g. CelebA-HQ)
     path: str = ""  # for dataset=folder: the folder (absolute, or relative to the data dir)
     test_path: str = ""  # for dataset=folder: held-out images for test-set NLL ("" = none)
+    subset: str = ""  # for dataset=cifar10: "" (all of it) or a named subset of it (data.CIFAR10_SUBSETS)
     resolution: int = 32  # images are resized/center-cropped to this (folder datasets)
     channels: int = 3
     hflip: bool = True  # random horizontal flips (CIFAR10, CelebA-HQ; not MNIST)
@@ -43,6 +56,10 @@ class DiffusionConfig:
     mean_type: str = "eps"  # eps | mu | x0
     var_type: str = "beta"  # beta (fixedlarge) | beta_tilde (fixedsmall) | learned
     loss_type: str = "simple"  # simple | mu_mse | vlb
+    # The linear schedule's endpoints for T = 1000 (Sec. 4); for another T both scale by 1000/T
+    # (diffusion.linear_betas). Not used by the cosine schedule.
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
 
 
 @dataclass
@@ -51,7 +68,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch, split over DDP ranks
     lr: float = 2e-4
     warmup: int = 5000  # linear learning-rate warm-up steps
-    grad_clip: float = 1.0  # gradient-norm clipping
+    grad_clip: float = 1.0  # gradient-norm clipping; 0 = no clipping
     adam_eps: float = 1e-8
     ema_decay: float = 0.9999
     seed: int = 0
@@ -70,26 +87,87 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
+        """``self`` if it can be built and trained, else ConfigError saying why."""
+        try:
+            self._validate()
+        except ConfigError:
+            raise
+        except ValueError as e:  # from the diffusion module's enums and schedules
+            raise ConfigError(str(e)) from None
+        return self
+
+    def _validate(self) -> None:
         d = self.diffusion
         for name, cls in (("schedule", D.Schedule), ("mean_type", D.MeanType),
                           ("var_type", D.VarType), ("loss_type", D.LossType)):
             D._enum(cls, getattr(d, name))
         D.check_combination(d.mean_type, d.var_type, d.loss_type)
-        D.make_betas(d.schedule, d.T)  # rejects a T the schedule cannot take
+        self._check_values()
+        D.make_betas(d.schedule, d.T, d.beta_start, d.beta_end)  # rejects a T the schedule cannot take
         if self.data.dataset not in DATASETS:
             raise ValueError(f"unknown data.dataset {self.data.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.data.dataset == "folder" and not self.data.path:
             raise ValueError("data.dataset='folder' needs data.path (a folder of images)")
-        n_down = len(self.model.ch_mult) - 1
-        if self.data.resolution % (2 ** n_down):
-            raise ValueError(f"data.resolution={self.data.resolution} must be divisible by "
-                             f"2**{n_down} for model.ch_mult={self.model.ch_mult}")
+        if self.data.subset:
+            from .data import CIFAR10_SUBSETS
+
+            if self.data.dataset != "cifar10" or self.data.subset not in CIFAR10_SUBSETS:
+                raise ValueError(f"data.subset={self.data.subset!r}: subsets exist for data.dataset=cifar10 "
+                                 f"only, named {', '.join(CIFAR10_SUBSETS)}")
         for name in ("steps", "batch_size"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be positive")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ValueError("train.ema_decay must be in [0, 1)")
-        return self
+
+    def _check_values(self) -> None:
+        """Ranges of single fields, and the model's fit to the data: everything training or
+        building the network would reject later (with a traceback, or silently wrong)."""
+        for f in dataclasses.fields(self):
+            for key, value in dataclasses.asdict(getattr(self, f.name)).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{f.name}.{key}={value} is not a finite number")
+        d, m, t, data = self.diffusion, self.model, self.train, self.data
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(t.lr > 0, f"train.lr={t.lr} must be positive")
+        need(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be positive")
+        need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be positive (the largest gradient "
+                               "norm), or 0 for no clipping")
+        need(t.warmup >= 0, f"train.warmup={t.warmup} must be >= 0 (0: no warm-up)")
+        need(t.seed >= 0, f"train.seed={t.seed} must be >= 0")
+        for name in ("log_every", "sample_every", "ckpt_every"):
+            need(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1 (steps)")
+        need(m.ch >= 1 and m.ch % 32 == 0, f"model.ch={m.ch} must be a positive multiple of 32 "
+                                           "(the UNet's GroupNorm has 32 groups)")
+        need(len(m.ch_mult) >= 1 and all(k >= 1 for k in m.ch_mult),
+             f"model.ch_mult={m.ch_mult} must be one or more positive multipliers, one per resolution level")
+        need(m.num_res_blocks >= 0, f"model.num_res_blocks={m.num_res_blocks} must be >= 0")
+        need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+        need(data.resolution >= 1, f"data.resolution={data.resolution} must be positive")
+        need(data.channels in (1, 3), f"data.channels={data.channels} must be 1 (grayscale) or 3 (RGB)")
+        need(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
+        native = {"mnist": (1, 28), "cifar10": (3, 32)}.get(data.dataset)
+        need(native is None or (data.channels, data.resolution) == native,
+             f"data.dataset={data.dataset} is {native and native[0]} channel(s) at "
+             f"{native and native[1]}x{native and native[1]}; the config asks for data.channels="
+             f"{data.channels}, data.resolution={data.resolution}")
+        n_down = len(m.ch_mult) - 1
+        need(data.resolution % (2 ** n_down) == 0,
+             f"data.resolution={data.resolution} must be divisible by 2**{n_down} for model.ch_mult={m.ch_mult}")
+        levels = [data.resolution // 2 ** i for i in range(len(m.ch_mult))]
+        stray = [r for r in m.attn_resolutions if r not in levels]
+        need(not stray, f"model.attn_resolutions={m.attn_resolutions}: {stray} match no resolution level "
+                        f"of the UNet (levels: {levels})")
+        need(0 < d.beta_start < d.beta_end < 1, f"diffusion.beta_start={d.beta_start}, beta_end={d.beta_end}: "
+                                                "need 0 < beta_start < beta_end < 1")
+        defaults = DiffusionConfig()
+        need(d.schedule == D.Schedule.LINEAR.value
+             or (d.beta_start, d.beta_end) == (defaults.beta_start, defaults.beta_end),
+             f"diffusion.beta_start/beta_end set the linear schedule; schedule={d.schedule!r} does not use them")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +175,9 @@ class Config:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Config":
         cfg = cls()
+        if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+            raise ConfigError("not a ddpm config: expected an object of sections "
+                              f"({', '.join(f.name for f in dataclasses.fields(cls))}) holding fields")
         for section, values in d.items():
             for key, value in values.items():
                 _set(cfg, f"{section}.{key}", value)
@@ -114,7 +195,8 @@ DATASETS = ("mnist", "cifar10", "folder")
 
 def build_diffusion(cfg: Config) -> D.GaussianDiffusion:
     d = cfg.diffusion
-    return D.GaussianDiffusion(D.make_betas(d.schedule, d.T), d.mean_type, d.var_type, d.loss_type)
+    return D.GaussianDiffusion(D.make_betas(d.schedule, d.T, d.beta_start, d.beta_end), d.mean_type,
+                               d.var_type, d.loss_type)
 
 
 def build_model(cfg: Config):
@@ -132,7 +214,7 @@ def build_model(cfg: Config):
 def _coerce(value: Any, typ, key: str):
     """Convert ``value`` (a string from the command line, or a JSON value) to ``typ``."""
     def bad():
-        return ValueError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}")
+        return ConfigError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}")
 
     origin = getattr(typ, "__origin__", None)
     if origin in (tuple, Tuple):
@@ -181,12 +263,12 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     if len(parts) != 2 or parts[0] not in sections:
-        raise KeyError(f"unknown config key {key!r}; keys look like section.name with section in "
+        raise ConfigError(f"unknown config key {key!r}; keys look like section.name with section in "
                        f"{', '.join(sections)}")
     section = getattr(cfg, parts[0])
     hints = get_type_hints(type(section))
     if parts[1] not in hints:
-        raise KeyError(f"unknown config key {key!r}; valid keys in {parts[0]}: "
+        raise ConfigError(f"unknown config key {key!r}; valid keys in {parts[0]}: "
                        f"{', '.join(f.name for f in dataclasses.fields(section))}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
 
@@ -201,7 +283,7 @@ def apply_overrides(cfg: Config, overrides) -> Config:
 
 def _split(override: str):
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like section.key=value")
+        raise ConfigError(f"override {override!r} must look like section.key=value")
     key, value = override.split("=", 1)
     return key.strip(), value.strip()
 
@@ -237,16 +319,16 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
          "train.sample_every": 500, "train.ckpt_every": 250, "train.bf16": True},
     ),
     "cifar10-cpu": (
-        "Scaled down for a 2-core CPU: 32x32 RGB, 1.5M-param UNet, T=1000; reads a folder "
-        "(here ../shared/data/cifar10-partial: 4000 real CIFAR10 training images; its 4000 test "
-        "images of 4 classes for test NLL).",
-        {"data.dataset": "folder", "data.path": "cifar10-partial/train", "data.test_path": "cifar10-partial/test",
+        "Scaled down for a 2-core CPU: 32x32 RGB, 1.5M-param UNet, T=1000, on the CIFAR10 subset "
+        "'partial' (training images 0..3999; for test NLL the 4,000 test images of 4 classes), read "
+        "from torchvision's CIFAR10 or from its PNG export (see ddpm/data.py).",
+        {"data.dataset": "cifar10", "data.subset": "partial",
          "model.ch": 32, "model.num_res_blocks": 1, "train.steps": 1500, "train.batch_size": 64,
          "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
          "train.sample_every": 500, "train.ckpt_every": 250},
     ),
-    "smoke": (
-        "Tiny and fast, for CI: MNIST, a 0.65M-param UNet, T=100, 20 steps.",
+    "tiny": (
+        "Tiny and fast, for tests: MNIST, a 0.65M-param UNet, T=100, 20 steps.",
         {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
          "data.num_workers": 0, "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
          "model.attn_resolutions": (), "diffusion.T": 100, "train.steps": 20,
@@ -258,6 +340,6 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 
 def get_preset(name: str, overrides=()) -> Config:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     cfg = apply_overrides(Config(), PRESETS[name][1])
     return apply_overrides(cfg, overrides)

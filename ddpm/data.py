@@ -1,16 +1,32 @@
 """Training data: MNIST, CIFAR10 and any folder of images, as uint8 [C, H, W] tensors.
 
-Where the data lives (the "data dir"): ``--data-dir DIR``, else the environment
-variable ``DDPM_DATA_DIR``, else ``./data``. MNIST and CIFAR10 are read from it in
-torchvision's layout (``DIR/MNIST/raw/...``, ``DIR/cifar-10-batches-py/...``);
-nothing is downloaded unless the user asks (``--download``), and a missing set is an
-error that says what to download and where to point the code. A folder dataset
-(CelebA-HQ, LSUN exports, the CIFAR10 PNG subset in ../shared/data/cifar10-partial)
-is any folder of images, searched recursively; ``data.path`` is absolute or relative
-to the data dir. Folder images are resized (shorter side) and center-cropped to
-``data.resolution``. MNIST stays at its native 28x28 (the MNIST presets use a UNet
-with ch_mult (1, 2, 2): 28 -> 14 -> 7) and CIFAR10 at 32x32; asking for another
-resolution for them is an error rather than a silent resize.
+Where the data lives: the data dirs are searched in this order, and each dataset is
+read from the first that holds it (the choice is printed):
+
+1. ``--data-dir DIR``, if given;
+2. ``$DDPM_DATA_DIR``, if set;
+3. ``./data``;
+4. ``shared/data`` beside the checkout (``<repo>/../shared/data``: where this project's
+   offline machines keep real MNIST and CIFAR10 data).
+
+MNIST and CIFAR10 are read in torchvision's layout (``DIR/MNIST/raw/...``,
+``DIR/cifar-10-batches-py/...``). When no dir holds a dataset, ``download=True``
+(``--download``; run_all.sh passes it) lets torchvision fetch it into the first dir of
+the list, saying what and where; otherwise, or offline, the error says what to fetch and
+where to put it.
+
+The scaled CIFAR10 profiles train on a named subset of real CIFAR10 images, defined by
+their indices (``CIFAR10_SUBSETS``; ``data.subset``): read from torchvision's CIFAR10
+when present, else from a PNG export of exactly those images (``DIR/cifar10-partial``,
+the layout of ../shared/data/cifar10-partial: ``train/00000.png`` = training image 0,
+``test/<class>/<index>.png``). Both sources give the same tensors in the same order.
+
+A folder dataset (CelebA-HQ, LSUN exports) is any folder of images, searched
+recursively; ``data.path`` is absolute or relative to a data dir. Folder images are
+resized (shorter side) and center-cropped to ``data.resolution``. MNIST stays at its
+native 28x28 (the MNIST presets use a UNet with ch_mult (1, 2, 2): 28 -> 14 -> 7) and
+CIFAR10 at 32x32; asking for another resolution for them is an error rather than a
+silent resize.
 
 Data order is a pure function of (seed, position in the stream of examples): epoch
 e visits the examples in the permutation ``default_rng([seed, e])``, and the global
@@ -27,7 +43,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+import sys
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,11 +54,31 @@ from .config import DataConfig
 
 ENV_DATA_DIR = "DDPM_DATA_DIR"
 DEFAULT_DATA_DIR = "./data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA_DIR = REPO.parent / "shared" / "data"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 # Folder datasets whose decoded pixels fit in this many bytes are decoded once up
 # front and kept in memory (CIFAR10-sized sets); larger ones (CelebA-HQ 256: 5.9 GB)
 # are decoded on the fly by DataLoader workers.
 IN_MEMORY_BYTES = 1 << 30
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class CifarSubset:
+    """Real CIFAR10 images chosen by index: training images ``train`` (positions in the
+    official order, data_batch_1 first) and every test image of ``test_classes``, in
+    test_batch order. ``export``: the folder name of its PNG export in a data dir."""
+
+    train: range
+    test_classes: Tuple[str, ...]
+    export: str
+
+
+CIFAR10_SUBSETS = {
+    # What this project's offline machines hold (../shared/data/cifar10-partial).
+    "partial": CifarSubset(range(4000), ("airplane", "automobile", "ship", "truck"), "cifar10-partial"),
+}
 
 
 class DataError(RuntimeError):
@@ -48,8 +86,44 @@ class DataError(RuntimeError):
 
 
 def resolve_data_dir(data_dir=None) -> Path:
-    """--data-dir, else $DDPM_DATA_DIR, else ./data."""
+    """The first data dir: --data-dir, else $DDPM_DATA_DIR, else ./data (where downloads go)."""
     return Path(data_dir or os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR).expanduser().absolute()
+
+
+def data_dirs(data_dir=None) -> List[Path]:
+    """Every data dir, in search order (see the module docstring), without repeats."""
+    out: List[Path] = []
+    for d in (data_dir, os.environ.get(ENV_DATA_DIR), DEFAULT_DATA_DIR, SHARED_DATA_DIR):
+        if d:
+            p = Path(d).expanduser().absolute()
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def _announce(what: str, where: Path) -> None:
+    print(f"data: {what} from {where}", file=sys.stderr, flush=True)
+
+
+def find_in_data_dirs(relative: str, data_dir=None) -> Optional[Path]:
+    """The first data dir holding ``relative`` (a file or folder), or None."""
+    for d in data_dirs(data_dir):
+        if (d / relative).exists():
+            return d
+    return None
+
+
+def _searched(data_dir) -> str:
+    return ", ".join(str(d) for d in data_dirs(data_dir))
+
+
+def _missing(name: str, layout: str, source: str, data_dir) -> DataError:
+    root = resolve_data_dir(data_dir)
+    return DataError(
+        f"{name} not found in any data dir (searched {_searched(data_dir)} for {layout}). Either pass "
+        f"--download to let torchvision fetch it from the internet into {root}, or get {source} "
+        f"yourself, extract it into a folder DIR so that DIR/{layout} exists, and pass --data-dir DIR "
+        f"(or set {ENV_DATA_DIR}=DIR).")
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -114,55 +188,117 @@ class FolderImages(torch.utils.data.Dataset):
         return x
 
 
-def _missing(name: str, root: Path, layout: str, source: str) -> DataError:
-    return DataError(
-        f"{name} not found in the data dir {root} (torchvision's layout: {root / layout}). "
-        f"Either pass --download to let torchvision fetch it from the internet into {root}, "
-        f"or get {source} yourself, extract it into a folder DIR so that DIR/{layout} exists, and "
-        f"pass --data-dir DIR (or set {ENV_DATA_DIR}=DIR).")
+def _torchvision(kind: str, train: bool, data_dir, download: bool):
+    """torchvision's MNIST / CIFAR10 split from the first data dir holding it (downloaded
+    into the first data dir if none does and ``download``), or None if absent."""
+    import torchvision
+
+    layout = {"mnist": "MNIST/raw/train-images-idx3-ubyte", "cifar10": "cifar-10-batches-py/data_batch_1"}[kind]
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[kind]
+    root = find_in_data_dirs(layout, data_dir)
+    fetch = root is None
+    if fetch and not download:
+        return None
+    if fetch:
+        root = resolve_data_dir(data_dir)
+        print(f"data: {kind} is in no data dir; downloading it with torchvision into {root}",
+              file=sys.stderr, flush=True)
+    try:
+        ds = cls(str(root), train=train, download=fetch)
+    except (RuntimeError, OSError) as e:
+        if fetch:
+            raise DataError(f"could not download {kind} into {root} ({e}). "
+                            + str(_missing(kind, layout, "it", data_dir))) from e
+        raise DataError(f"{kind} in {root} is unreadable or corrupted ({e}); delete it and run again "
+                        f"with --download, or point --data-dir at a good copy") from e
+    _announce(f"{kind} ({'train' if train else 'test'})", root)
+    return ds
+
+
+def _cifar_export(subset: CifarSubset, split: str, data_dir) -> Optional[torch.Tensor]:
+    """The subset from its PNG export, or None if no data dir holds the export."""
+    root = find_in_data_dirs(subset.export, data_dir)
+    if root is None:
+        return None
+    folder = root / subset.export
+    if split == "train":
+        files = [folder / "train" / f"{i:05d}.png" for i in subset.train]
+    else:  # every test image of the classes, in test_batch order (the file name is the index)
+        files = sorted((p for c in subset.test_classes for p in (folder / "test" / c).glob("*.png")),
+                       key=lambda p: int(p.stem))
+    absent = [f for f in files if not f.is_file()]
+    if absent or not files:
+        raise DataError(f"the CIFAR10 export {folder} is incomplete: {len(absent)} of the {split} images "
+                        f"are missing (e.g. {absent[0] if absent else folder / split})")
+    reader = FolderImages(folder, 32, 3)
+    reader.files = files
+    _announce(f"CIFAR10 subset ({split}, PNG export)", folder)
+    return torch.stack([reader[i] for i in range(len(files))])
+
+
+def split_images(dataset: str, split: str, data_dir=None, subset: str = "",
+                 download: bool = False) -> torch.Tensor:
+    """uint8 [N, C, H, W]: the ``split`` ('train' | 'test') of MNIST or CIFAR10 (or of the
+    named CIFAR10 ``subset``), from the first data dir that holds it."""
+    if dataset not in ("mnist", "cifar10") or split not in ("train", "test"):
+        raise DataError(f"no split {split!r} of dataset {dataset!r}")
+    sub = None
+    if subset:
+        if dataset != "cifar10" or subset not in CIFAR10_SUBSETS:
+            raise DataError(f"unknown subset {subset!r} of {dataset}; CIFAR10 subsets: {', '.join(CIFAR10_SUBSETS)}")
+        sub = CIFAR10_SUBSETS[subset]
+    # a subset reads full CIFAR10 where present, else its export, and downloads only then
+    ds = _torchvision(dataset, split == "train", data_dir, download and sub is None)
+    if ds is None and sub is not None:
+        images = _cifar_export(sub, split, data_dir)
+        if images is not None:
+            return images
+        ds = _torchvision(dataset, split == "train", data_dir, download)
+    if ds is None:
+        if dataset == "mnist":
+            raise _missing("MNIST", "MNIST/raw/train-images-idx3-ubyte",
+                           "the four MNIST idx files (train-images-idx3-ubyte.gz, ...)", data_dir)
+        raise _missing("CIFAR10" + (f" (or its subset's export {sub.export}/)" if sub else ""),
+                       "cifar-10-batches-py/data_batch_1",
+                       "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", data_dir)
+    data = ds.data if torch.is_tensor(ds.data) else torch.from_numpy(ds.data)
+    images = (data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)).contiguous()
+    if sub is not None:
+        if split == "train":
+            idx = torch.tensor(list(sub.train))
+        else:
+            wanted = torch.tensor([CIFAR10_CLASSES.index(c) for c in sub.test_classes])
+            idx = torch.nonzero(torch.isin(torch.as_tensor(ds.targets), wanted)).flatten()
+        images = images[idx].contiguous()
+    return images
 
 
 def load_dataset(cfg: DataConfig, data_dir=None, download: bool = False,
                  progress: bool = False) -> torch.utils.data.Dataset:
     """The training set of ``cfg.dataset`` as a Dataset of uint8 [C, H, W] tensors.
 
-    Downloads (MNIST, CIFAR10 via torchvision) only when ``download`` is True."""
-    root = resolve_data_dir(data_dir)
-    if cfg.dataset == "mnist":
-        if (cfg.channels, cfg.resolution) != (1, 28):
-            raise DataError(f"MNIST is 1 channel at 28x28; the config asks for data.channels="
-                            f"{cfg.channels}, data.resolution={cfg.resolution}")
-        import torchvision
-
-        try:
-            ds = torchvision.datasets.MNIST(str(root), train=True, download=download)
-        except RuntimeError as e:
-            raise _missing("MNIST", root, "MNIST/raw/train-images-idx3-ubyte",
-                           "the four MNIST idx files (train-images-idx3-ubyte.gz, ...)") from e
-        return TensorImages(ds.data.unsqueeze(1).contiguous(), "mnist")
-    if cfg.dataset == "cifar10":
-        if (cfg.channels, cfg.resolution) != (3, 32):
-            raise DataError(f"CIFAR10 is 3 channels at 32x32; the config asks for data.channels="
-                            f"{cfg.channels}, data.resolution={cfg.resolution}")
-        import torchvision
-
-        try:
-            ds = torchvision.datasets.CIFAR10(str(root), train=True, download=download)
-        except RuntimeError as e:
-            raise _missing("CIFAR10", root, "cifar-10-batches-py/data_batch_1",
-                           "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz") from e
-        return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), "cifar10")
+    Downloads (MNIST, CIFAR10 via torchvision) only when ``download`` is True and no data
+    dir holds the set."""
+    if cfg.dataset in ("mnist", "cifar10"):
+        native = {"mnist": (1, 28), "cifar10": (3, 32)}[cfg.dataset]
+        if (cfg.channels, cfg.resolution) != native:
+            raise DataError(f"{cfg.dataset} is {native[0]} channel(s) at {native[1]}x{native[1]}; the config "
+                            f"asks for data.channels={cfg.channels}, data.resolution={cfg.resolution}")
+        images = split_images(cfg.dataset, "train", data_dir, cfg.subset, download)
+        return TensorImages(images, cfg.dataset + (f"-{cfg.subset}" if cfg.subset else ""))
     if cfg.dataset == "folder":
         folder = Path(cfg.path)
         if not folder.is_absolute():
-            folder = root / folder
+            root = find_in_data_dirs(cfg.path, data_dir)
+            folder = (root or resolve_data_dir(data_dir)) / folder
         if not folder.is_dir():
             raise DataError(
-                f"image folder {folder} does not exist (data.path={cfg.path!r}, relative to the data "
-                f"dir {root}). Put the images there (any layout; searched recursively), or point "
-                f"--data-dir / {ENV_DATA_DIR} at the folder that holds {cfg.path!r}, or set "
-                f"data.path to an absolute folder. CelebA-HQ 256x256 is not downloadable "
-                f"automatically: export it as image files into such a folder.")
+                f"image folder {cfg.path!r} does not exist (searched the data dirs {_searched(data_dir)}). "
+                f"Put the images there (any layout; searched recursively), or point --data-dir / "
+                f"{ENV_DATA_DIR} at the folder that holds {cfg.path!r}, or set data.path to an absolute "
+                f"folder. CelebA-HQ 256x256 is not downloadable automatically: export it as image files "
+                f"into such a folder.")
+        _announce(f"image folder {cfg.path}", folder)
         ds = FolderImages(folder, cfg.resolution, cfg.channels)
         if len(ds) == 0:
             raise DataError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

@@ -49,7 +49,7 @@ class LossType(str, enum.Enum):
 
 
 class Schedule(str, enum.Enum):
-    LINEAR = "linear"  # the paper: beta from 1e-4 to 0.02
+    LINEAR = "linear"  # the paper: beta from 1e-4 to 0.02 (config diffusion.beta_start/beta_end)
     COSINE = "cosine"  # Nichol & Dhariwal 2021, Eq. 17
 
 
@@ -104,11 +104,13 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarra
     return np.clip(betas, 0.0, max_beta)  # Eq. 17's clipping, to avoid singularities at t=T
 
 
-def make_betas(schedule, T: int) -> np.ndarray:
+def make_betas(schedule, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """beta_1..beta_T; ``beta_start``/``beta_end``: the linear schedule's endpoints for T = 1000
+    (config diffusion.beta_start/beta_end; see linear_betas for other T), unused by cosine."""
     schedule = _enum(Schedule, schedule)
     if T < 2:
         raise ValueError(f"T must be at least 2, got {T}")
-    return linear_betas(T) if schedule == Schedule.LINEAR else cosine_betas(T)
+    return linear_betas(T, beta_start, beta_end) if schedule == Schedule.LINEAR else cosine_betas(T)
 
 
 # ------------------------------------------------------------------------ distributions

@@ -173,7 +173,7 @@ def dataset_spec(cfg, split: str, data_dir=None) -> Optional[str]:
 
     ds = cfg.data.dataset
     if ds in ("mnist", "cifar10"):
-        return f"{ds}:{split}"
+        return f"{ds}{'-' + cfg.data.subset if cfg.data.subset else ''}:{split}"
     rel = {"train": cfg.data.path, "test": cfg.data.test_path}.get(split)
     if not rel:
         return None
@@ -191,27 +191,84 @@ class EvalError(RuntimeError):
     """The evaluation asked for is impossible as specified; the message says why."""
 
 
+def _earlier_report(mpath: Path, cfg, common: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """The metrics.json already in the out dir, if it evaluates the same checkpoint (config and
+    step), EMA flag and variance (its results are then kept and extended); None if there is
+    none; EvalError if it is another evaluation's (results are never mixed)."""
+    from .config import Config, ConfigError
+
+    if not mpath.is_file():
+        return None
+    try:
+        old = json.loads(mpath.read_text())
+        run = old["run"]
+        old_cfg = Config.from_dict(run["config"]).to_dict()
+    except (ValueError, KeyError, TypeError, ConfigError):
+        raise EvalError(f"{mpath} exists but is not a metrics.json this code wrote; choose another --out "
+                        "or move it away") from None
+    differ = [f"{k}: {run.get(k)!r} there, {common[k]!r} now" for k in ("checkpoint_step", "ema", "variance")
+              if run.get(k) != common[k]]
+    if json.loads(json.dumps(old_cfg)) != json.loads(json.dumps(cfg.to_dict())):
+        differ.insert(0, "the checkpoint's config")
+    if differ:
+        raise EvalError(f"{mpath} holds the results of another evaluation ({'; '.join(differ)}); choose "
+                        "another --out (results of different evaluations are never mixed)")
+    return old
+
+
 def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n: int = 50_000,
              var_type=None, ema: bool = True, out_dir="eval", data_dir=None, nll_n: Optional[int] = None,
              nll_splits: Sequence[str] = ("test", "train"), seed: int = 0, device=None,
              batch_size: int = 256, nll_batch_size: int = 16, max_batch: int = 256,
              reference: Optional[str] = None, reference_n: Optional[int] = None, inception_weights=None,
              figures: bool = True, progress: bool = True) -> Dict[str, object]:
-    """Evaluate a checkpoint; writes OUT/metrics.json (updated after each metric) and figures."""
+    """Evaluate a checkpoint; writes OUT/metrics.json (updated after each metric) and figures.
+
+    Everything that can fail on the request is checked before anything is written or
+    sampled: the arguments, the device, the checkpoint, what ``out_dir`` already holds, the
+    data (reference set, NLL splits, figure sources) and the Inception weights. An earlier
+    metrics.json in ``out_dir`` of the same checkpoint (config and step), EMA flag and
+    variance is kept and extended: results not recomputed now stay, and the earlier call is
+    listed under run.earlier_calls. One of another evaluation is an error (never mixed)."""
     from . import figures as FIG
     from .checkpoint import load_model
-    from .fidelity import compute_metrics, load_images
+    from .fidelity import Inception, compute_metrics, load_images, resolve_weights
+    from .generate import check_manifest, sample_manifest
+    from .train import pick_device
 
     metrics = [m.strip().lower() for m in metrics if m.strip()]
+    if not metrics:
+        raise EvalError(f"no metrics asked for; --metrics takes one or more of {','.join(METRICS)} "
+                        f"(or 'none' for the figures alone)")
+    if metrics == ["none"]:  # the figures alone
+        if not figures:
+            raise EvalError("--metrics none with --no-figures: nothing to do")
+        metrics = []
     bad = set(metrics) - set(METRICS)
     if bad:
         raise EvalError(f"unknown metric(s) {sorted(bad)}; valid: {', '.join(METRICS)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampled = [m for m in ("fid", "kid", "is") if m in metrics]
+    if sampled and n < 1:
+        raise EvalError(f"--n {n}: must be a positive number of samples")
+    if {"fid", "kid"} & set(sampled) and n < 2:
+        raise EvalError(f"--n {n}: FID and KID need at least 2 samples (they compare covariances)")
+    if nll_n is not None and nll_n < 1:
+        raise EvalError(f"--nll-n {nll_n}: must be a positive number of images (omit it for every image)")
+    if reference_n is not None and reference_n < 2:
+        raise EvalError(f"--reference-n {reference_n}: must be at least 2 (omit it for the whole set)")
+    for flag, value in (("--batch-size", batch_size), ("--nll-batch-size", nll_batch_size),
+                        ("--max-batch", max_batch)):
+        if value < 1:
+            raise EvalError(f"{flag} {value}: must be positive")
+    nll_splits = list(nll_splits)
+    if {"nll", "rd"} & set(metrics) and (not nll_splits or set(nll_splits) - {"test", "train"}):
+        raise EvalError(f"--nll-splits {','.join(nll_splits)!r}: one or both of test, train")
+    device = str(pick_device(device))
     t_start = time.time()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"--out {out_dir} is a file, not a folder")
     cfg, model, diffusion, state = load_model(checkpoint, ema=ema)
-    model = model.to(device).eval()
     var = diffusion.var_type if var_type is None else _enum(VarType, var_type)
     if var == VarType.LEARNED and diffusion.var_type != VarType.LEARNED:
         raise EvalError("--var learned needs a checkpoint trained with a learned variance")
@@ -224,6 +281,46 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
                                          "config": cfg.to_dict()},
                                  "results": {}, "figures": {}}
     mpath = out_dir / "metrics.json"
+    earlier = _earlier_report(mpath, cfg, common)
+    if earlier is not None:
+        prev_run = {k: v for k, v in earlier.get("run", {}).items() if k not in ("config", "earlier_calls")}
+        report["run"]["earlier_calls"] = [*earlier.get("run", {}).get("earlier_calls", []), prev_run]
+        report["results"] = dict(earlier.get("results", {}))
+        report["figures"] = dict(earlier.get("figures", {}))
+    var_arg = None if var == diffusion.var_type else var
+    sample_meta = {"checkpoint": str(checkpoint), "step": common["checkpoint_step"], "ema": ema}
+    if sampled:  # samples of another request in out_dir/samples: an error now, not after hours
+        check_manifest(out_dir / "samples", sample_manifest(
+            diffusion, n, image_shape, batch_size=batch_size, seed=seed, var_type=var_arg, meta=sample_meta))
+
+    # ------------------------------------ data and Inception: checked before any sampling
+    ref_images = ref_desc = ref_key = inception = None
+    if sampled:
+        resolve_weights(inception_weights)  # an explicit weights file that is not there: say so first
+    if {"fid", "kid"} & set(sampled):
+        ref_spec = reference or dataset_spec(cfg, "train", data_dir)
+        ref_images, ref_desc, ref_key = load_images(ref_spec, data_dir, reference_n, seed=2020, resize_to=fit)
+    if sampled:
+        with_logits = "is" in sampled and resolve_weights(inception_weights) is None
+        inception = Inception(inception_weights, device=device, with_logits=with_logits)
+    nll_data = {}
+    if {"nll", "rd"} & set(metrics):
+        for split in (nll_splits if "nll" in metrics else ["test"]):
+            spec = dataset_spec(cfg, split, data_dir)
+            nll_data[split] = None if spec is None else (spec, *load_images(spec, data_dir, nll_n, seed=2020,
+                                                                            resize_to=fit)[:2])
+            if spec is not None and tuple(nll_data[split][1].shape[1:]) != image_shape:
+                raise EvalError(f"{spec} holds images of shape {tuple(nll_data[split][1].shape[1:])}, the "
+                                f"model takes {image_shape}")
+    fig8_spec = fig8_images = None
+    if figures:
+        fig8_spec = dataset_spec(cfg, "test", data_dir) or dataset_spec(cfg, "train", data_dir)
+        fig8_images = load_images(fig8_spec, data_dir, 4, seed=2020, resize_to=fit)[0]
+        if fig8_images.shape[0] < 4:
+            raise EvalError(f"{fig8_spec} holds {fig8_images.shape[0]} image(s); the interpolation figure "
+                            "needs 4 (or pass --no-figures)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(device).eval()
 
     def save():
         report["run"]["elapsed_s_total"] = round(time.time() - t_start, 1)
@@ -233,14 +330,11 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
         report["results"][name] = {**value, **extra, **common, "elapsed_s": round(time.time() - t0, 1)}
         save()
 
-    var_arg = None if var == diffusion.var_type else var
     # ------------------------------------------------------------- samples: FID/KID/IS
-    if {"fid", "kid", "is"} & set(metrics):
+    if sampled:
         t0 = time.time()
         samples = generate(model, diffusion, n, image_shape, out_dir=out_dir / "samples", batch_size=batch_size,
-                           seed=seed, device=device, var_type=var_arg,
-                           meta={"checkpoint": str(checkpoint), "step": common["checkpoint_step"], "ema": ema},
-                           progress=progress)
+                           seed=seed, device=device, var_type=var_arg, meta=sample_meta, progress=progress)
         gen_s = round(time.time() - t0, 1)
         report["results"]["sampling"] = {"n": n, "sampler": SAMPLER, "pixel_map": PIXEL_MAP, "folder": str(out_dir / "samples"),
                                          **common, "elapsed_s": gen_s,
@@ -248,15 +342,10 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
         save()
         if figures:
             report["figures"]["samples"] = str(FIG.save_samples_grid(samples, out_dir / "samples_grid.png"))
-        ref_spec = reference or dataset_spec(cfg, "train", data_dir)
-        want = [m for m in ("fid", "kid", "is") if m in metrics]
+        want = sampled
         t0 = time.time()
-        ref_images = ref_desc = ref_key = None
-        if {"fid", "kid"} & set(want):
-            ref_images, ref_desc, ref_key = load_images(ref_spec, data_dir, reference_n, seed=2020,
-                                                        resize_to=fit)
-        fm = compute_metrics(samples, ref_images, want, weights=inception_weights, device=device,
-                             reference_key=ref_key, reference_desc=ref_desc, progress=progress)
+        fm = compute_metrics(samples, ref_images, want, inception=inception, weights=inception_weights,
+                             device=device, reference_key=ref_key, reference_desc=ref_desc, progress=progress)
         base = {"n": n, "sampler": SAMPLER, "pixel_map": PIXEL_MAP, "inception": fm["inception"]}
         if "fid" in want:
             put("fid", {"value": fm["fid"], **base, "n_reference": fm["n_reference"], "reference": fm["reference"]}, t0,
@@ -272,18 +361,14 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
                 put("is", {"value": fm["is"], "std": fm["is_std"], "splits": fm["is_splits"], **base}, t0)
     # ---------------------------------------------------------------- NLL and rate-distortion
     if {"nll", "rd"} & set(metrics):
-        splits = list(nll_splits) if "nll" in metrics else ["test"]
-        for split in splits:
-            spec = dataset_spec(cfg, split, data_dir)
-            if spec is None:
+        for split, loaded in nll_data.items():
+            if loaded is None:
                 report["results"][f"nll_{split}"] = {"value": None, "unavailable":
                                                      f"dataset {cfg.data.dataset!r} has no {split} split"}
                 save()
                 continue
             t0 = time.time()
-            images, desc, _ = load_images(spec, data_dir, nll_n, seed=2020, resize_to=fit)
-            if tuple(images.shape[1:]) != image_shape:
-                raise EvalError(f"{spec} holds images of shape {tuple(images.shape[1:])}, the model takes {image_shape}")
+            spec, images, desc = loaded
             terms = bound_terms(model, diffusion, images, batch_size=nll_batch_size, var_type=var_arg,
                                 seed=seed, device=device, max_batch=max_batch, progress=progress)
             np.savez_compressed(out_dir / f"bound_terms_{split}.npz",
@@ -317,14 +402,12 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
         FIG.shared_latent(diffusion, model, image_shape, out_dir / "fig7_shared_latent.png", generator=g,
                           device=device, var_type=var_arg, progress=progress)
         report["figures"]["fig7_shared_latent"] = str(out_dir / "fig7_shared_latent.png")
-        spec = dataset_spec(cfg, "test", data_dir) or dataset_spec(cfg, "train", data_dir)
-        imgs, _, _ = load_images(spec, data_dir, 4, seed=2020, resize_to=fit)
-        x = from_uint8(imgs.permute(0, 2, 3, 1).numpy())
+        x = from_uint8(fig8_images.permute(0, 2, 3, 1).numpy())
         FIG.interpolation(diffusion, model, [(x[0], x[1]), (x[2], x[3])], out_dir / "fig8_interpolation.png",
                           generator=g, device=device, var_type=var_arg, progress=progress)
         report["figures"]["fig8_interpolation"] = str(out_dir / "fig8_interpolation.png")
         report["figures"]["elapsed_s"] = round(time.time() - t0, 1)
-        report["figures"]["source_images_fig8"] = f"{spec}, 4 images chosen by RandomState(2020)"
+        report["figures"]["source_images_fig8"] = f"{fig8_spec}, 4 images chosen by RandomState(2020)"
         save()
     save()
     return report
@@ -334,54 +417,75 @@ def evaluate(checkpoint, metrics: Sequence[str] = ("fid", "kid", "nll", "rd"), n
 
 
 def add_subcommand(subparsers) -> None:
+    from .cli import add_device_arg, add_threads_arg
+
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: FID/IS/KID, NLL (bits/dim), rate-distortion, figures",
-        description="Writes OUT/metrics.json and the paper's figures. FID/KID need the Inception "
-                    "weights: online they are downloaded by torch-fidelity; offline set "
-                    "DDPM_INCEPTION_WEIGHTS (see `python -m ddpm fid --help`).")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--metrics", default="fid,kid,nll,rd", help=f"comma-separated subset of {','.join(METRICS)}")
-    p.add_argument("--n", type=int, default=50_000, help="samples for FID/KID/IS (paper: 50000)")
+        description="Writes OUT/metrics.json and the paper's figures. The request (data, Inception "
+                    "weights, OUT) is checked before any sampling. Samples go to OUT/samples in "
+                    "shards: an interrupted eval resumes when run again. A second eval into the same "
+                    "OUT (same checkpoint, EMA flag and variance) adds to metrics.json; another "
+                    "evaluation's OUT is refused. FID/KID need the Inception weights: online they are "
+                    "downloaded by torch-fidelity; offline set DDPM_INCEPTION_WEIGHTS (see "
+                    "`python -m ddpm fid --help`). Paper scale (the defaults): 50,000 samples, NLL "
+                    "over every test and train image.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file (RUN/final.pt, RUN/last.pt), a run directory (its final.pt), "
+                        "or a diffusers folder (the released weights)")
+    p.add_argument("--metrics", default="fid,kid,nll,rd",
+                   help=f"comma-separated subset of {','.join(METRICS)} (default fid,kid,nll,rd); "
+                        "'none': the figures alone")
+    p.add_argument("--n", type=int, default=50_000, help="samples for FID/KID/IS (default 50000, the paper's)")
     p.add_argument("--var", choices=["beta", "beta_tilde"], default=None,
                    help="override the fixed reverse variance (default: the checkpoint's)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="raw (non-EMA) weights")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint dir>/eval)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default $DDPM_DATA_DIR or ./data)")
-    p.add_argument("--nll-n", type=int, default=None, help="images per split for NLL/rd (default: all)")
-    p.add_argument("--nll-splits", default="test,train", help="splits for NLL (rd always uses test)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: the run's, from run.json beside the checkpoint, else "
+                        "$DDPM_DATA_DIR or ./data)")
+    p.add_argument("--nll-n", type=int, default=None,
+                   help="a seeded random subset of N images per split for NLL/rd (default: every image "
+                        "of the split, as the paper: 10,000 test and 50,000 train for CIFAR10)")
+    p.add_argument("--nll-splits", default="test,train",
+                   help="splits for NLL (default test,train; rd always uses test)")
     p.add_argument("--reference", default=None,
                    help="FID reference set (default: the checkpoint's dataset, train split, as in the paper); "
                         "e.g. mnist:test, folder:PATH")
-    p.add_argument("--reference-n", type=int, default=None, help="seeded random subset of the reference set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=256, help="sampling batch (= shard size)")
+    p.add_argument("--reference-n", type=int, default=None,
+                   help="a seeded random subset of the reference set (default: all of it)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the samples (shard k: seed (seed, k)), the bound's noise and the "
+                        "figures (default 0)")
+    add_device_arg(p)
+    add_threads_arg(p)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="sampling batch (= shard size; default 256); part of what fixes the samples")
     p.add_argument("--nll-batch-size", type=int, default=16, help="images per calc_bpd_loop call")
     p.add_argument("--max-batch", type=int, default=256, help="(image, t) pairs per network call in the bound")
     p.add_argument("--inception-weights", default=None, help="offline Inception weights (else $DDPM_INCEPTION_WEIGHTS)")
-    p.add_argument("--no-figures", dest="figures", action="store_false")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip the figures (samples grid, Figs. 5-8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    from .cli import UsageError
-    from .fidelity import FidelityError
+    from .cli import resolve_checkpoint, run_data_dir
 
-    out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
-    try:
-        report = evaluate(args.checkpoint, args.metrics.split(","), n=args.n, var_type=args.var, ema=args.ema,
-                          out_dir=out, data_dir=args.data_dir, nll_n=args.nll_n,
-                          nll_splits=[s.strip() for s in args.nll_splits.split(",") if s.strip()],
-                          seed=args.seed, device=args.device, batch_size=args.batch_size,
-                          nll_batch_size=args.nll_batch_size, max_batch=args.max_batch,
-                          reference=args.reference, reference_n=args.reference_n,
-                          inception_weights=args.inception_weights, figures=args.figures,
-                          progress=not args.no_progress)
-    except (FidelityError, EvalError) as e:
-        raise UsageError(str(e)) from None
-    short = {k: {kk: v.get(kk) for kk in ("value", "se", "std", "n", "elapsed_s") if kk in v}
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = args.out or str(Path(checkpoint).resolve().parent / "eval")
+    data_dir = args.data_dir or run_data_dir(checkpoint)
+    report = evaluate(checkpoint, args.metrics.split(","), n=args.n, var_type=args.var, ema=args.ema,
+                      out_dir=out, data_dir=data_dir, nll_n=args.nll_n,
+                      nll_splits=[s.strip() for s in args.nll_splits.split(",") if s.strip()],
+                      seed=args.seed, device=args.device, batch_size=args.batch_size,
+                      nll_batch_size=args.nll_batch_size, max_batch=args.max_batch,
+                      reference=args.reference, reference_n=args.reference_n,
+                      inception_weights=args.inception_weights, figures=args.figures,
+                      progress=not args.no_progress)
+    # what each value is, briefly; "unavailable" says why a value is null (e.g. IS offline)
+    short = {k: {kk: v.get(kk) for kk in ("value", "se", "std", "n", "elapsed_s", "unavailable") if kk in v}
              for k, v in report["results"].items()}
     print(json.dumps({"metrics_json": str(Path(out) / "metrics.json"), **short}))
     return 0

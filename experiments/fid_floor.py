@@ -86,7 +86,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    from ddpm.checkpoint import atomic_write_text
+    from ddpm.provenance import portable
+
+    atomic_write_text(path, json.dumps(portable(out), indent=2) + "\n")
     print(json.dumps({f: {k: v[k] for k in ("fid", "kid", "n", "n_reference")} for f, v in out.items()}))
     print(f"wrote {path}")
     return 0

@@ -73,7 +73,7 @@ RUNS: Dict[str, Run] = {r.name: r for r in [
 # loading the networks again).
 MAIN = Eval("main", "fid,is,kid,nll,rd")
 MAIN_BT = Eval("beta_tilde", "fid,is,kid,nll", "beta_tilde")
-FIGURES = Eval("figures", "", figures=True)
+FIGURES = Eval("figures", "none", figures=True)  # the figures alone
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", ("eps_simple", "eps_vlb"), (MAIN,)),
     Experiment("table2", "Table 2 (parameterization x objective, IS / FID)",
@@ -110,7 +110,7 @@ PROFILE_BASE: Dict[Tuple[str, str], Tuple[str, Tuple[str, ...]]] = {
     ("quick", "mnist"): ("mnist-cpu", _QUICK_TRAIN),
     ("quick", "celebahq"): ("cifar10-cpu", _QUICK_TRAIN),
     ("smoke", "cifar10"): ("cifar10-cpu", _SMOKE_MODEL + _SMOKE_TRAIN),
-    ("smoke", "mnist"): ("smoke", ("diffusion.T=40",) + _SMOKE_TRAIN),
+    ("smoke", "mnist"): ("tiny", ("diffusion.T=40",) + _SMOKE_TRAIN),
     ("smoke", "celebahq"): ("cifar10-cpu", _SMOKE_MODEL + _SMOKE_TRAIN),
 }
 
@@ -123,9 +123,18 @@ EVAL_SIZE: Dict[str, Dict[str, Optional[int]]] = {
     "smoke": {"n": 8, "nll_n": 2, "ref_n": 32},
 }
 
+# Wall time of one training and one evaluation on a 2-core CPU at one thread each, as last
+# measured (quick: the run of 2026-11 recorded in results/quick; smoke: the CI test), for the
+# plan that run_all.sh prints before it starts. None: not measured (paper: GPU days).
+EST_SECONDS: Dict[str, Optional[Dict[str, float]]] = {
+    "paper": None,
+    "quick": {"train": 900.0, "eval": 950.0},
+    "smoke": {"train": 15.0, "eval": 22.0},
+}
+
 DATA_NOTES = {
-    ("quick", "cifar10"): "CIFAR10 subset: the 4,000 real training images in ../shared/data/cifar10-partial "
-                          "(full CIFAR10 is not available offline here); test-set NLL on its 4-class test part",
+    ("quick", "cifar10"): "CIFAR10 subset 'partial': training images 0..3999 (from full CIFAR10 or its PNG export "
+                          "in ../shared/data/cifar10-partial); test-set NLL on the test images of 4 classes",
     ("quick", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in; the entry shows the "
                            "pipeline (samples, interpolation), not CelebA-HQ results",
     ("smoke", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in",

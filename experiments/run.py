@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,7 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .registry import DATA_NOTES, EVAL_SIZE, EXPERIMENTS, PROFILES, RUNS, Eval, run_config_args, runs_for
+from ddpm.checkpoint import atomic_write_text
+from ddpm.provenance import portable
+
+from .registry import DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, PROFILES, RUNS, Eval, run_config_args, runs_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,33 +48,128 @@ def default_profile() -> str:
         return "quick"
 
 
-# Set by run_experiments: the prefix of screen lines (the run's name when runs go in
-# parallel) and the environment of the ddpm processes (their CPU threads).
-_PREFIX = threading.local()
+# Set by run_experiments: the environment of the ddpm processes (their CPU threads).
 _CHILD_ENV: Optional[dict] = None
 _PRINT_LOCK = threading.Lock()
+# A tqdm progress line of a child ("sample:  45%|####  | 225/500 [01:02<01:15, 3.6it/s]").
+_TQDM = re.compile(r"(?:(?P<desc>[^|]*?):\s*)?(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?)"
+                   r"\s*\[(?P<elapsed>[^<\]]*)<(?P<eta>[^,\]]*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _say(msg: str) -> None:
-    prefix = getattr(_PREFIX, "value", "")
     with _PRINT_LOCK:
-        sys.stdout.write("".join(prefix + line + "\n" for line in msg.split("\n")))
+        sys.stdout.write(time.strftime("[%H:%M:%S] ") + msg + "\n")
         sys.stdout.flush()
 
 
-def _call(cmd: List[str], log: Path) -> int:
-    """Run a ddpm command, its output both on screen and in a log file."""
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Board:
+    """The stages running now (label -> start time, last progress). A ticker prints one line
+    with all of them every ``every`` seconds, so parallel runs never interleave raw output."""
+
+    def __init__(self, every: float):
+        self.every, self.stages, self.lock = every, {}, threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self):
+        if self.every > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def start(self, label: str) -> None:
+        with self.lock:
+            self.stages[label] = [time.time(), ""]
+
+    def update(self, label: str, progress: str) -> None:
+        with self.lock:
+            if label in self.stages:
+                self.stages[label][1] = progress
+
+    def end(self, label: str) -> float:
+        with self.lock:
+            t0, _ = self.stages.pop(label, (time.time(), ""))
+        return time.time() - t0
+
+    def line(self) -> str:
+        with self.lock:
+            return " | ".join(f"{label} {prog or 'starting'} ({_duration(time.time() - t0)})"
+                              for label, (t0, prog) in self.stages.items())
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            line = self.line()
+            if line:
+                _say("  " + line)
+
+
+_BOARD = Board(0)
+
+
+def _progress(m: "re.Match", label: str) -> str:
+    desc = (m["desc"] or "").strip()
+    desc = "" if label.endswith(desc) else desc
+    return f"{desc + ' ' if desc else ''}{m['pct']}% ({m['n']}/{m['total']}, ETA {m['eta'].strip()})"
+
+
+def _call(cmd: List[str], log: Path, label: str) -> int:
+    """Run a ddpm command with its whole output in ``log`` (progress bars: their last state
+    only) and its progress on the board; on failure the log's last lines go to the screen."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    _say("+ " + " ".join(shlex.quote(c) for c in cmd))
+    _BOARD.start(label)
+    _say(f"start {label}  (log: {_rel(log)})")
+    tail: List[str] = []
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         f.flush()
+        # text mode reads tqdm's carriage-return refreshes as lines of their own
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
                                 bufsize=1, env=_CHILD_ENV)
+        bar, last = None, None
         for line in proc.stdout:
-            _say(line.rstrip("\n"))
-            f.write(line)
-        return proc.wait()
+            line = _ANSI.sub("", line.rstrip("\n")).rstrip()
+            m = _TQDM.search(line)
+            if m:
+                _BOARD.update(label, _progress(m, label))
+                bar = line.strip()
+                if m["n"] != m["total"]:
+                    continue
+            elif not line.strip():
+                continue
+            if bar and bar != last:  # a bar's last state (tqdm repeats it when it closes)
+                f.write(bar + "\n")
+                last = bar
+            bar = None
+            if not m:
+                f.write(line + "\n")
+                tail = (tail + [line])[-15:]
+            f.flush()
+        rc = proc.wait()
+        if bar and bar != last:
+            f.write(bar + "\n")
+    took = _BOARD.end(label)
+    if rc == 0:
+        _say(f"done  {label} in {_duration(took)}")
+    else:
+        _say(f"FAILED {label} (exit {rc}) after {_duration(took)}; last lines of {_rel(log)}:\n"
+             + "\n".join("    " + t for t in tail))
+    return rc
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository when inside it (screen and records stay portable)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _stats_summary(run_dir: Path) -> dict:
@@ -96,11 +195,12 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
     record_path = results_dir / profile / name / "train.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() else None
     if previous and previous["status"] in ("finished", "diverged"):
-        _say(f"[{profile}/{name}] training: {previous['status']} earlier, skipped")
+        _say(f"skip  {name} train: {previous['status']} earlier")
         _copy_samples(out, record_path.parent)
         return previous
     preset, overrides = run_config_args(run, profile)
-    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", preset, "--out", str(out)]
+    # --download: a dataset that no data dir holds is fetched (online) into the first one
+    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", preset, "--out", str(out), "--download"]
     for o in overrides:
         cmd += ["--set", o]
     if data_dir:
@@ -108,7 +208,7 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
     if out.exists():
         cmd.append("--resume")
     t0 = time.time()
-    rc = _call(cmd, runs_dir / profile / f"{name}.train.log")
+    rc = _call(cmd, runs_dir / profile / f"{name}.train.log", f"{name} train")
     elapsed = time.time() - t0
     status = "finished" if rc == 0 and (out / "final.pt").exists() else ("diverged" if rc == 1 else "failed")
     record = {
@@ -123,8 +223,7 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
         "run_info": json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None,
         "stats": _stats_summary(out),
     }
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record, indent=2))
+    _write_json(record_path, record)
     _copy_samples(out, record_path.parent)
     if status == "failed":
         raise SystemExit(f"[{profile}/{name}] training failed (exit {rc}); see {runs_dir / profile / (name + '.train.log')}")
@@ -141,7 +240,7 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
     out = results_dir / profile / name / ev.name
     work = runs_dir / profile / name / f"eval_{ev.name}"
     if (out / "metrics.json").exists():
-        _say(f"[{profile}/{name}] {ev.name}: done earlier, skipped")
+        _say(f"skip  {name} eval {ev.name}: done earlier")
         return
     size = EVAL_SIZE[profile]
     ckpt = runs_dir / profile / name / "final.pt"
@@ -156,7 +255,7 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
         cmd.append("--no-figures")
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    rc = _call(cmd, runs_dir / profile / name / f"eval_{ev.name}.log")
+    rc = _call(cmd, runs_dir / profile / f"{name}.eval_{ev.name}.log", f"{name} eval {ev.name}")
     if rc != 0:
         raise SystemExit(f"[{profile}/{name}] evaluation {ev.name} failed (exit {rc})")
     _copy_results(work, out)
@@ -164,11 +263,20 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
 
 def _copy_results(src: Path, dst: Path) -> None:
     """An evaluation's RESULT_FILES from ``src`` to ``dst``, metrics.json last: its presence
-    marks the evaluation as done."""
+    marks the evaluation as done. JSON is copied with portable paths (ddpm.provenance)."""
     dst.mkdir(parents=True, exist_ok=True)
     for pattern in RESULT_FILES[::-1]:
         for f in sorted(src.glob(pattern)):
-            shutil.copy2(f, dst / f.name)
+            if f.suffix == ".json":
+                _write_json(dst / f.name, json.loads(f.read_text()))
+            else:
+                shutil.copy2(f, dst / f.name)
+
+
+def _write_json(path: Path, obj) -> None:
+    """A results file: paths made portable, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(portable(obj), indent=2))
 
 
 def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) -> None:
@@ -179,7 +287,7 @@ def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) ->
     mine = {**record, "run": dst, "family": run.family, "note": run.note, "same_as": src,
             "data_note": DATA_NOTES.get((profile, run.family), ""), "elapsed_s_this_call": 0.0,
             "elapsed_s_total": 0.0}
-    (out / "train.json").write_text(json.dumps(mine, indent=2))
+    _write_json(out / "train.json", mine)
     if (results_dir / profile / src / "samples.png").exists():
         shutil.copy2(results_dir / profile / src / "samples.png", out / "samples.png")
 
@@ -197,8 +305,8 @@ def default_jobs() -> int:
 
 
 def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
-                    data_dir: Optional[str], jobs: int = 1) -> None:
-    global _CHILD_ENV
+                    data_dir: Optional[str], jobs: int = 1, progress_every: float = 60.0) -> None:
+    global _CHILD_ENV, _BOARD
     runs = runs_for(names)
     evals = {}  # run -> {eval name: Eval}, shared across experiments
     for e in names:
@@ -213,63 +321,84 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
     for r in RUNS:  # every run, so that one named alone still finds the run it equals
         preset, overrides = run_config_args(RUNS[r], profile)
         same_as[r] = by_config.setdefault((preset, tuple(overrides)), r)
-    total = len(runs) + sum(len(v) for v in evals.values())
     jobs = max(1, min(jobs, len(runs)))
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # share the cores between the parallel runs instead of oversubscribing them
         _CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    counter = {"done": 0}
+    _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir)
+    outcome: Dict[str, List[str]] = {r: [] for r in runs}
     t_start = time.time()
 
-    def step(what: str) -> None:
-        with _PRINT_LOCK:
-            counter["done"] += 1
-            n = counter["done"]
-        _say(f"\n=== [{n}/{total}] {profile}: {what} ({time.time() - t_start:.0f} s so far)")
-
     def one_run(r: str) -> None:
-        _PREFIX.value = f"{r}| " if jobs > 1 else ""
         src = same_as[r]
         runs_dir.joinpath(profile).mkdir(parents=True, exist_ok=True)
         # one process at a time per run, also across separate invocations
         with open(runs_dir / profile / f"{src}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            step(f"train {r}" + (f" (same config as {src}: reused)" if src != r else ""))
+            if src != r:
+                _say(f"reuse {r}: same config as {src} at this profile")
             record = train_run(src, profile, runs_dir, results_dir, data_dir)
+            outcome[r].append(f"train {record['status']}")
             if src != r:
                 _reuse(src, r, record, profile, results_dir)
             for ev in evals[r].values():
                 if record["status"] != "finished":
-                    step(f"{r} {ev.name} skipped: training {record['status']}")
+                    outcome[r].append(f"{ev.name} skipped")
                     continue
-                step(f"evaluate {r} {ev.name}")
-                t0 = time.time()
                 eval_run(src, ev, profile, runs_dir, results_dir, data_dir)
                 if src != r:
                     _copy_results(results_dir / profile / src / ev.name, results_dir / profile / r / ev.name)
-                _say(f"[{profile}/{r}] {ev.name}: {time.time() - t0:.0f} s")
+                outcome[r].append(f"{ev.name} done")
 
     # the runs with the most evaluations first, so parallel workers finish close together
     # (reusing runs last: they wait for the run they reuse)
     runs = sorted(runs, key=lambda r: (same_as[r] != r, -len(evals[r])))
-    if jobs == 1:
-        for r in runs:
-            one_run(r)
-    else:
-        print(f"{len(runs)} runs, {jobs} at a time, each with OMP_NUM_THREADS="
-              f"{(_CHILD_ENV or os.environ).get('OMP_NUM_THREADS')}; screen lines are prefixed with the run, "
-              f"full logs in {runs_dir / profile}/", flush=True)
-        with ThreadPoolExecutor(jobs) as pool:
-            futures = [pool.submit(one_run, r) for r in runs]
-            failed = []
-            for r, fut in zip(runs, futures):
-                try:
-                    fut.result()
-                except SystemExit as e:  # one failed run does not stop the others
-                    failed.append(f"{r}: {e}")
-        if failed:
-            raise SystemExit("failed:\n  " + "\n  ".join(failed))
-    print(f"\nall {len(names)} experiments done for profile {profile} in {time.time() - t_start:.0f} s", flush=True)
+    failed = []
+    _BOARD = Board(progress_every)
+    with _BOARD, ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(one_run, r) for r in runs]
+        for r, fut in zip(runs, futures):
+            try:
+                fut.result()
+            except SystemExit as e:  # one failed run does not stop the others
+                failed.append(f"{r}: {e}")
+                outcome[r].append("FAILED")
+    print(f"\nsummary ({profile} profile, {_duration(time.time() - t_start)}):", flush=True)
+    for r in sorted(outcome):
+        print(f"  {r:<20} {', '.join(outcome[r])}", flush=True)
+    if failed:
+        raise SystemExit("failed:\n  " + "\n  ".join(failed))
+    print(f"all {len(names)} experiments done; results in {_rel(results_dir / profile)}/, "
+          f"logs in {_rel(runs_dir / profile)}/", flush=True)
+
+
+def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> None:
+    """What will run, where its output goes, and how long it should take."""
+    todo_train = [r for r in runs if same_as[r] == r
+                  and not _finished(results_dir / profile / r / "train.json")]
+    todo_eval = [(r, e) for r in runs if same_as[r] == r for e in evals[r]
+                 if not (results_dir / profile / r / e / "metrics.json").exists()]
+    threads = (_CHILD_ENV or os.environ).get("OMP_NUM_THREADS", "default")
+    print(f"plan ({profile} profile): {len(runs)} runs ({len(todo_train)} to train), "
+          f"{sum(len(v) for v in evals.values())} evaluations ({len(todo_eval)} to do), "
+          f"{jobs} at a time, OMP_NUM_THREADS={threads}", flush=True)
+    for r in runs:
+        note = f"same config as {same_as[r]}: reused" if same_as[r] != r else (
+            "trained earlier" if r not in todo_train else "to train")
+        print(f"  {r:<20} {note}; evaluations: {', '.join(evals[r])}", flush=True)
+    est = EST_SECONDS.get(profile)
+    if est and (todo_train or todo_eval):
+        total = (len(todo_train) * est["train"] + len(todo_eval) * est["eval"]) / jobs
+        print(f"estimated time: about {_duration(total)} (from the last measured run of this profile on a "
+              f"2-core CPU; more on a busier or smaller machine)", flush=True)
+    elif todo_train or todo_eval:
+        print("estimated time: not measured for this profile (GPU days for the paper's grid)", flush=True)
+    print(f"progress: one line per stage and a status line every so often; complete logs in "
+          f"{_rel(runs_dir / profile)}/<run>.*.log; results in {_rel(results_dir / profile)}/", flush=True)
+
+
+def _finished(record: Path) -> bool:
+    return record.exists() and json.loads(record.read_text()).get("status") in ("finished", "diverged")
 
 
 def main(argv=None) -> int:
@@ -285,6 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained/evaluated in parallel (default: one per CPU core without a GPU, "
                         "1 with a GPU); each gets OMP_NUM_THREADS = cores / jobs unless it is set")
+    p.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between status lines of the running stages (0: none)")
     args = p.parse_args(argv)
     if args.list:
         for e in EXPERIMENTS.values():
@@ -297,7 +428,7 @@ def main(argv=None) -> int:
                 (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     profile = args.profile or default_profile()
     run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir,
-                    jobs=args.jobs or default_jobs())
+                    jobs=args.jobs or default_jobs(), progress_every=args.progress_every)
     return 0
 
 

@@ -38,3 +38,29 @@ def require_shared_data() -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return require_shared_data()
+
+
+def on_loss_call(monkeypatch, n: int, action: str) -> None:
+    """From now on, the ``n``-th call of GaussianDiffusion.training_losses (1-based; one per
+    training step) misbehaves: ``action`` 'nan' makes its loss NaN, 'interrupt' raises
+    KeyboardInterrupt in it (a crash mid-step), 'sigint' sends this process a SIGINT (as a
+    terminal's Ctrl-C) and carries on. monkeypatch undoes it at the end of the test."""
+    import signal
+
+    from ddpm.diffusion import GaussianDiffusion
+
+    real = GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def misbehaving(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n and action == "interrupt":
+            raise KeyboardInterrupt
+        if calls["n"] == n and action == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)
+        out = real(self, *a, **k)
+        if calls["n"] == n and action == "nan":
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", misbehaving)

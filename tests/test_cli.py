@@ -59,7 +59,7 @@ def test_dry_run_cifar10_is_the_paper_setup(capsys, monkeypatch, tmp_path):
     cfg = json.loads(out)  # exactly one JSON object
     assert cfg["num_params"] == 35_746_307
     assert cfg["diffusion"] == {"T": 1000, "schedule": "linear", "mean_type": "eps", "var_type": "beta",
-                                "loss_type": "simple"}
+                                "loss_type": "simple", "beta_start": 1e-4, "beta_end": 0.02}
     m, t, d = cfg["model"], cfg["train"], cfg["data"]
     assert (m["ch"], m["ch_mult"], m["num_res_blocks"], m["attn_resolutions"], m["dropout"]) == \
         (128, [1, 2, 2, 2], 2, [16], 0.1)
@@ -85,7 +85,7 @@ def test_dry_run_applies_overrides(capsys):
     ("train.steps", "section.key=value"),
 ])
 def test_bad_overrides_exit_2_with_a_clean_message(capsys, override, needle):
-    rc, out, err = run(capsys, "train", "--preset", "smoke", "--dry-run", "--set", override)
+    rc, out, err = run(capsys, "train", "--preset", "tiny", "--dry-run", "--set", override)
     assert rc == 2 and out == ""
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
@@ -97,8 +97,14 @@ def test_unknown_preset_is_an_argparse_error(capsys):
     assert "cifar10" in capsys.readouterr().err
 
 
-def test_missing_data_exits_2_and_creates_nothing(capsys, tmp_path):
-    rc, _, err = run(capsys, "train", "--preset", "smoke", "--out", str(tmp_path / "run"),
+def test_missing_data_exits_2_and_creates_nothing(capsys, tmp_path, monkeypatch):
+    import ddpm.data
+
+    # no data dir holds MNIST (the search also looks in ./data and beside the checkout)
+    monkeypatch.delenv("DDPM_DATA_DIR", raising=False)
+    monkeypatch.setattr(ddpm.data, "SHARED_DATA_DIR", tmp_path / "no-shared-data")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, "train", "--preset", "tiny", "--out", str(tmp_path / "run"),
                      "--data-dir", str(tmp_path / "data"), "--no-progress")
     assert rc == 2
     assert "MNIST not found" in err and "--download" in err and "DDPM_DATA_DIR" in err
@@ -110,10 +116,10 @@ def test_train_then_resume_finished_via_cli(capsys, tmp_path):
     sets = ["--set", "data.dataset=folder", "--set", f"data.path={folder}", "--set", "data.resolution=8",
             "--set", "data.channels=3", "--set", "model.attn_resolutions=", "--set", "diffusion.T=30",
             "--set", "train.steps=2", "--set", "train.batch_size=2"]
-    rc, out, err = run(capsys, "train", "--preset", "smoke", *sets, "--out", str(tmp_path / "run"),
+    rc, out, err = run(capsys, "train", "--preset", "tiny", *sets, "--out", str(tmp_path / "run"),
                      "--device", "cpu", "--no-progress")
     assert rc == 0 and (tmp_path / "run" / "final.pt").exists(), err
-    rc, _, err = run(capsys, "train", "--preset", "smoke", *sets, "--out", str(tmp_path / "run"),
+    rc, _, err = run(capsys, "train", "--preset", "tiny", *sets, "--out", str(tmp_path / "run"),
                      "--no-progress")
     assert rc == 2 and "already holds a finished run" in err
     rc, out, _ = run(capsys, "train", "--resume", "--out", str(tmp_path / "run"), "--no-progress")

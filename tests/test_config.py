@@ -59,3 +59,40 @@ def test_round_trip_through_dict_and_every_preset_validates():
 def test_mnist_resolution_must_fit_the_downsampling():
     with pytest.raises(ValueError, match="divisible"):
         apply_overrides(get_preset("mnist"), ["model.ch_mult=1,2,2,2"])
+
+
+def test_linear_schedule_endpoints_are_config_fields():
+    import numpy as np
+
+    from ddpm.config import ConfigError, build_diffusion
+    from ddpm.diffusion import make_betas
+
+    c = get_preset("cifar10")
+    assert (c.diffusion.beta_start, c.diffusion.beta_end) == (1e-4, 0.02)
+    assert np.array_equal(build_diffusion(c).betas, make_betas("linear", 1000))  # the numerics of before
+    assert np.array_equal(build_diffusion(get_preset("tiny")).betas, make_betas("linear", 100))  # scaled by 1000/T
+    ablated = build_diffusion(get_preset("cifar10", ["diffusion.beta_end=0.01"])).betas
+    assert (ablated[0], ablated[-1]) == (1e-4, 0.01)
+    half = build_diffusion(get_preset("tiny", ["diffusion.beta_start=2e-4"])).betas  # T=100: x10
+    assert half[0] == pytest.approx(2e-3) and half[-1] == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="does not use them"):
+        get_preset("cifar10", ["diffusion.schedule=cosine", "diffusion.beta_end=0.01"])
+    with pytest.raises(ConfigError, match="too small for the linear schedule"):
+        get_preset("tiny", ["diffusion.beta_end=0.2"])  # x10 at T=100: beta_T = 2
+
+
+def test_the_tiny_preset_is_not_named_like_a_reproduction_profile():
+    from experiments.registry import PROFILES
+
+    assert "tiny" in PRESETS and not set(PRESETS) & set(PROFILES)
+
+
+def test_config_errors_are_value_errors_printed_without_quotes():
+    from ddpm.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        get_preset("cifar10", ["train.nope=1"])
+    assert isinstance(e.value, KeyError) and isinstance(e.value, ValueError)
+    assert str(e.value).startswith("unknown config key 'train.nope'")
+    with pytest.raises(ConfigError, match="not a ddpm config"):
+        Config.from_dict({"_class_name": "UNet2DModel"})

@@ -1,5 +1,7 @@
-"""Data loading: folder images (resize/crop), torchvision layouts, missing-data errors, data order."""
+"""Data loading: folder images (resize/crop), torchvision layouts, the data dirs searched, the
+CIFAR10 subset by index, missing-data errors, data order."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,25 +75,117 @@ def test_load_folder_in_memory_and_relative_to_data_dir(tmp_path, monkeypatch):
         assert torch.equal(next(a), next(b))
 
 
+@pytest.fixture
+def nowhere(tmp_path, monkeypatch):
+    """No data dir holds anything: no $DDPM_DATA_DIR, an empty ./data, no shared/data."""
+    monkeypatch.delenv(D.ENV_DATA_DIR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "SHARED_DATA_DIR", tmp_path / "no-shared-data")
+    return tmp_path
+
+
 def test_data_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv(D.ENV_DATA_DIR, raising=False)
     assert D.resolve_data_dir() == Path("data").absolute()
+    assert D.data_dirs() == [Path("data").absolute(), D.SHARED_DATA_DIR]
     monkeypatch.setenv(D.ENV_DATA_DIR, str(tmp_path))
     assert D.resolve_data_dir() == tmp_path
     assert D.resolve_data_dir(tmp_path / "x") == tmp_path / "x"  # --data-dir wins
+    # the search order: --data-dir, $DDPM_DATA_DIR, ./data, shared/data beside the checkout
+    assert D.data_dirs(tmp_path / "x") == [tmp_path / "x", tmp_path, Path("data").absolute(), D.SHARED_DATA_DIR]
+    assert D.SHARED_DATA_DIR == Path(D.__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_each_dataset_comes_from_the_first_data_dir_that_holds_it(nowhere):
+    first, second = nowhere / "first", nowhere / "second"
+    _png(second / "faces" / "a.png", np.full((8, 8, 3), 10, np.uint8))
+    _png(first / "faces" / "a.png", np.full((8, 8, 3), 20, np.uint8))
+    cfg = DataConfig(dataset="folder", path="faces", resolution=8)
+    assert (D.load_dataset(cfg, second).images == 10).all()  # --data-dir first
+    os.environ[D.ENV_DATA_DIR] = str(first)
+    try:
+        assert (D.load_dataset(cfg, second).images == 10).all()
+        assert (D.load_dataset(cfg).images == 20).all()  # then $DDPM_DATA_DIR
+        assert (D.load_dataset(DataConfig(dataset="folder", path="faces", resolution=8),
+                               nowhere / "empty").images == 20).all()  # a dir without it is passed over
+    finally:
+        del os.environ[D.ENV_DATA_DIR]
 
 
 @pytest.mark.parametrize("name,layout", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
-def test_missing_torchvision_set_says_what_to_do_and_downloads_nothing(tmp_path, name, layout):
+def test_missing_torchvision_set_says_what_to_do_and_downloads_nothing(nowhere, name, layout):
     cfg = DataConfig(dataset=name, resolution=28 if name == "mnist" else 32,
                      channels=1 if name == "mnist" else 3)
-    empty = tmp_path / "empty"
+    empty = nowhere / "empty"
     with pytest.raises(D.DataError) as e:
         D.load_dataset(cfg, empty)
     msg = str(e.value)
-    for part in (str(empty), layout, "--download", "--data-dir", D.ENV_DATA_DIR):
+    for part in (str(empty), layout, "--download", "--data-dir", D.ENV_DATA_DIR, str(D.SHARED_DATA_DIR)):
         assert part in msg, (part, msg)
-    assert not any(empty.rglob("*")), "nothing may be downloaded or created without --download"
+    assert not any(nowhere.rglob("*")), "nothing may be downloaded or created without --download"
+
+
+def test_download_goes_to_the_first_data_dir_and_says_so(nowhere, monkeypatch, capsys):
+    import torchvision
+
+    asked = []
+
+    class Offline:
+        def __init__(self, root, train, download):
+            asked.append((root, download))
+            raise RuntimeError("<urlopen error no network>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(D.DataError, match="could not download mnist.*no network.*--data-dir"):
+        D.split_images("mnist", "train", nowhere / "mine", download=True)
+    assert asked == [(str(nowhere / "mine"), True)]
+    assert f"downloading it with torchvision into {nowhere / 'mine'}" in capsys.readouterr().err
+
+
+def _fake_torchvision_cifar10(root: Path, export: Path) -> None:
+    """A CIFAR10 in torchvision's layout whose images at the subset's indices are the export's
+    (training images 0..3999 in data_batch_1; the test images at their test_batch positions,
+    every other test image of another class)."""
+    import pickle
+
+    sub = D.CIFAR10_SUBSETS["partial"]
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    read = lambda p: np.asarray(Image.open(p).convert("RGB"), np.uint8).transpose(2, 0, 1).reshape(-1)
+    train = np.random.RandomState(0).randint(0, 256, (10000, 3072), dtype=np.uint8)
+    for i in sub.train:
+        train[i] = read(export / "train" / f"{i:05d}.png")
+    test = np.zeros((10000, 3072), np.uint8)
+    labels = [D.CIFAR10_CLASSES.index("cat")] * 10000
+    for c in sub.test_classes:
+        for f in (export / "test" / c).glob("*.png"):
+            test[int(f.stem)], labels[int(f.stem)] = read(f), D.CIFAR10_CLASSES.index(c)
+    for name, x, y in (("data_batch_1", train, [0] * 10000), ("test_batch", test, labels)):
+        with open(batches / name, "wb") as fh:
+            pickle.dump({"data": x, "labels": y}, fh)
+    with open(batches / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": list(D.CIFAR10_CLASSES)}, fh)
+
+
+def test_the_cifar10_subset_is_the_same_images_from_torchvision_or_the_png_export(shared_data, nowhere,
+                                                                                   monkeypatch):
+    import torchvision
+
+    export = shared_data / "cifar10-partial"
+    from_export = {s: D.split_images("cifar10", s, shared_data, subset="partial") for s in ("train", "test")}
+    assert from_export["train"].shape == (4000, 3, 32, 32) and from_export["test"].shape == (4000, 3, 32, 32)
+    full = nowhere / "full"
+    _fake_torchvision_cifar10(full, export)
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [["data_batch_1", None]])  # one batch; no md5 of a fake
+    monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": None})
+    for split in ("train", "test"):  # full CIFAR10 is read where present, indexed by the subset
+        assert torch.equal(D.split_images("cifar10", split, full, subset="partial"), from_export[split])
+    cfg = DataConfig(dataset="cifar10", subset="partial")
+    assert torch.equal(D.load_dataset(cfg, full).images, from_export["train"])
+    with pytest.raises(D.DataError, match="unknown subset"):
+        D.split_images("cifar10", "train", full, subset="nope")
 
 
 def test_missing_or_empty_folder(tmp_path):

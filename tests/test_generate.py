@@ -12,7 +12,7 @@ from ddpm.config import build_diffusion, build_model, get_preset
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = get_preset("smoke", ["diffusion.T=21"])
+    cfg = get_preset("tiny", ["diffusion.T=21"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     # The UNet's last layer is zero-initialized; randomize it so samples depend on the network.

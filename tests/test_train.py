@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import on_loss_call
 from ddpm import train as TR
 from ddpm.checkpoint import CheckpointError, read_checkpoint
 from ddpm.config import Config, get_preset
@@ -44,7 +45,7 @@ def tiny_overrides(folder: Path, **extra) -> dict:
 
 
 def tiny_config(folder: Path, **extra) -> Config:
-    return get_preset("smoke", tiny_overrides(folder, **extra))
+    return get_preset("tiny", tiny_overrides(folder, **extra))
 
 
 def as_cli_sets(overrides: dict) -> list:
@@ -102,23 +103,43 @@ def test_ema_update_is_decay_times_ema_plus_rest_times_model():
 # ---------------------------------------------------------------------------- a full run
 
 
-def test_run_directory_contents(images, tmp_path):
+def test_run_directory_contents(images, tmp_path, monkeypatch):
     cfg = tiny_config(images, **{"train.sample_every": 6})
     out = tmp_path / "run"
+    seen = []  # (t, per-example loss) of every training batch
+    real = GaussianDiffusion.training_losses
+
+    def spy(self, model, x0, t, noise=None):
+        res = real(self, model, x0, t, noise)
+        seen.append((t.clone(), res["loss"].detach().double().clone()))
+        return res
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
     res = TR.train(cfg, out, device="cpu", progress=False)
+    monkeypatch.undo()
     assert res["step"] == 12 and res["finished"]
     # config.json is the resolved config and reads back to the same Config
     assert Config.from_dict(json.loads((out / "config.json").read_text())).to_dict() == cfg.to_dict()
     run = json.loads((out / "run.json").read_text())
     assert run["num_params"] == res["num_params"] and run["world_size"] == 1 and run["dataset_size"] == 24
     stats = [json.loads(ln) for ln in (out / "stats.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in stats] == [4, 8, 12]
+    assert [r["step"] for r in stats] == [4, 8, 12] and len(seen) == 12
+    T = cfg.diffusion.T
     for r in stats:
         assert np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["images_per_s"] > 0
         assert len(r["loss_by_t_quarter"]) == 4
-        # the overall loss is the count-weighted mean of the per-quarter losses
-        q = [x for x in r["loss_by_t_quarter"] if x is not None]
-        assert min(q) - 1e-9 <= r["loss"] <= max(q) + 1e-9
+        # the window's per-example losses, recomputed from what the loop saw: the overall loss is
+        # their mean, each quarter's is the mean over the examples whose t falls in that quarter
+        # (quarter edges T//4, T//2, 3T//4), so the overall loss is the count-weighted mean of those
+        t = torch.cat([a for a, _ in seen[r["step"] - 4:r["step"]]]).numpy()
+        loss = torch.cat([b for _, b in seen[r["step"] - 4:r["step"]]]).numpy()
+        q = np.searchsorted([T // 4, T // 2, 3 * T // 4], t, side="right")
+        counts = np.bincount(q, minlength=4)
+        means = [loss[q == k].mean() if counts[k] else None for k in range(4)]
+        assert r["loss_by_t_quarter"] == pytest.approx(means, rel=1e-6)
+        assert r["loss"] == pytest.approx(loss.mean(), rel=1e-6)
+        weighted = sum(c * m for c, m in zip(counts, means) if c) / counts.sum()
+        assert r["loss"] == pytest.approx(weighted, rel=1e-6)
     assert stats[0]["lr"] == pytest.approx(2e-4)  # update 4 ran after 3 warm-up steps
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000006.png", "step_0000012.png"]
     assert Image.open(out / "samples" / "step_0000012.png").size[0] > 4 * 8
@@ -139,19 +160,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(images, tmp_path, monkeypa
     TR.train(cfg, tmp_path / "a", device="cpu", progress=False)
 
     # Crash at the 8th loss evaluation: last.pt holds step 5.
-    calls = {"n": 0}
-    real = GaussianDiffusion.training_losses
-
-    def crashing(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", crashing)
+    on_loss_call(monkeypatch, 8, "interrupt")
     with pytest.raises(KeyboardInterrupt):
         TR.train(cfg, tmp_path / "b", device="cpu", progress=False)
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", real)
+    monkeypatch.undo()
     assert read_checkpoint(tmp_path / "b" / "last.pt")["step"] == 5
     assert not (tmp_path / "b" / "final.pt").exists()
     res = TR.train(cfg, tmp_path / "b", resume=True, device="cpu", progress=False)
@@ -167,11 +179,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(images, tmp_path, monkeypa
 
 def test_kill_9_then_resume_equals_uninterrupted(images, tmp_path):
     over = tiny_overrides(images, **{"train.steps": 40, "train.ckpt_every": 10, "train.log_every": 10})
-    cfg = get_preset("smoke", over)
+    cfg = get_preset("tiny", over)
     TR.train(cfg, tmp_path / "ref", device="cpu", progress=False)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", "smoke", *as_cli_sets(over),
+    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", "tiny", *as_cli_sets(over),
            "--out", str(out), "--device", "cpu", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -203,17 +215,7 @@ def test_kill_9_then_resume_equals_uninterrupted(images, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch):
     cfg = tiny_config(images)
-    real = GaussianDiffusion.training_losses
-    calls = {"n": 0}
-
-    def poisoned(self, *a, **k):
-        calls["n"] += 1
-        out = real(self, *a, **k)
-        if calls["n"] == 7:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
+    on_loss_call(monkeypatch, 7, "nan")
     out = tmp_path / "run"
     with pytest.raises(TR.TrainingDiverged, match=r"non-finite loss at step 7.*last\.pt \(step 5\)"):
         TR.train(cfg, out, device="cpu", progress=False)

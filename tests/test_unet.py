@@ -17,7 +17,7 @@ def test_256_unet_is_about_114M():
 
 
 def test_learned_variance_doubles_output_channels():
-    cfg = get_preset("smoke", ["diffusion.var_type=learned", "diffusion.loss_type=vlb"])
+    cfg = get_preset("tiny", ["diffusion.var_type=learned", "diffusion.loss_type=vlb"])
     model = build_model(cfg)
     x = torch.randn(2, 1, 28, 28)
     assert model(x, torch.tensor([0, 5])).shape == (2, 2, 28, 28)
@@ -53,6 +53,6 @@ def test_output_depends_on_input_and_time_and_is_zero_at_init():
 
 
 def test_rejects_wrong_resolution():
-    model = build_model(get_preset("smoke"))
+    model = build_model(get_preset("tiny"))
     with pytest.raises(AssertionError):
         model(torch.randn(1, 1, 32, 32), torch.tensor([0]))

@@ -1,0 +1,86 @@
+"""Paths in recorded results, without the absolute paths of the machine that made them.
+
+Every file that leaves a machine (results/, metrics.json, sample and run records) names
+its inputs (checkpoints, data folders, weights). Absolute paths would name folders that
+exist on no other machine, so they are recorded as:
+
+- inside the repository: relative to it (``runs/quick/eps_simple/final.pt``);
+- beside it (under the folder that holds the checkout, e.g. ``shared/data``): relative to
+  the repository (``../shared/data/cifar10-partial/train``);
+- under the home folder: ``~/...`` (``~/.cache/ddpm/inception-...pth``);
+- anywhere else: ``<elsewhere>/`` and the last two parts of the path.
+
+Paths are normalised first (``/work/main/../shared`` is ``/work/shared``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# An absolute path inside a string: starts at a "/" that follows a start, space, quote,
+# "(", "=", ":" or "," (not "//", as in a URL) and runs to the next such delimiter.
+_ABS = re.compile(r"(?:(?<=^)|(?<=[\s\"'(=:,\[]))/(?!/)(?:[^\s\"'(),:\[\]]+)")
+
+
+def portable_path(path) -> str:
+    """``path`` as it may be recorded (see the module docstring)."""
+    p = Path(os.path.normpath(os.path.expanduser(str(path))))
+    if not p.is_absolute():
+        return str(p)
+    for base, prefix in ((REPO, ""), (REPO.parent, None), (Path.home(), "~")):
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            continue
+        if prefix is None:  # beside the checkout
+            return os.path.relpath(p, REPO)
+        if base == Path("/"):
+            break
+        return str(Path(prefix) / rel) if prefix else (str(rel) if str(rel) != "." else ".")
+    return "<elsewhere>/" + "/".join(p.parts[-2:])
+
+
+def portable_text(text: str) -> str:
+    """Every absolute path inside ``text`` replaced by its portable form."""
+    return _ABS.sub(lambda m: portable_path(m.group(0)), text)
+
+
+def portable(obj: Any) -> Any:
+    """A JSON-able object with every string made portable (dict keys too)."""
+    if isinstance(obj, str):
+        return portable_text(obj)
+    if isinstance(obj, dict):
+        return {portable(k): portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    return obj
+
+
+def main(argv=None) -> int:
+    """Rewrite the text files (.json, .md, .tex, .txt) under the given folders with portable
+    paths: ``python -m ddpm.provenance results/`` (for results written before this existed)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ddpm.provenance", description=main.__doc__)
+    p.add_argument("folders", nargs="+")
+    args = p.parse_args(argv)
+    changed = 0
+    for folder in args.folders:
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file() and f.suffix in (".json", ".md", ".tex", ".txt", ".jsonl"):
+                text = f.read_text()
+                new = portable_text(text)
+                if new != text:
+                    f.write_text(new)
+                    changed += 1
+                    print(f"rewrote {f}")
+    print(f"{changed} file(s) rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
