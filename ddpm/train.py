@@ -1,14 +1,16 @@
 """Training: the paper's recipe (Sec. 4 and Appendix B), resumable bit for bit.
 
 - Adam (eps from config, 1e-8), learning rate warmed up linearly, gradient-norm
-  clipping, EMA of the weights, t ~ Uniform{0..T-1} per example (Algorithm 1).
+  clipping, EMA of the weights, t ~ Uniform{0..T-1} per example (Algorithm 1). One
+  update is ``optimisation_step``, which experiments/benchmark_speed.py times as well.
 - Optional bf16 autocast (train.bf16) and torch.compile (train.compile).
 - DDP under torchrun: train.batch_size is the GLOBAL batch, split over the ranks;
   backend nccl on CUDA, gloo on CPU; only rank 0 writes. Timesteps, noise and flips
   for the whole global batch come from one generator that every rank advances
   identically (each rank keeps its slice), so a run's result does not depend on the
   number of ranks (up to float summation order); dropout uses per-rank seeds.
-- The run directory::
+- The run directory (its file names, the checks before a run starts or resumes in it,
+  and its records: ddpm/rundir.py)::
 
     OUT/config.json    resolved config, written before training starts
     OUT/run.json       parameter count, world size, device, versions, data dir, command;
@@ -19,11 +21,12 @@
     OUT/last.pt        checkpoint every train.ckpt_every steps and at the end
     OUT/final.pt       the checkpoint at train.steps
 
-  A checkpoint holds model, EMA, optimizer, step, RNG states (torch, CUDA, numpy,
-  python, the batch generator; per rank) and the data position, plus the resolved
-  config, so ``--resume`` continues with the identical data order and randomness:
-  on CPU the final weights equal those of an uninterrupted run exactly. ``--resume``
-  reads the data dir from run.json unless --data-dir is given.
+  A checkpoint holds the ``TrainState`` (model, EMA, optimizer, step, RNG states: torch,
+  CUDA, numpy, python, the batch generator; per rank), each rank's partial ``LossWindow``
+  and the data position, plus the resolved config, so ``--resume`` continues with the
+  identical data order and randomness: on CPU the final weights equal those of an
+  uninterrupted run exactly. ``--resume`` reads the data dir from run.json unless
+  --data-dir is given.
 - Ctrl-C finishes the current step, saves last.pt and stops (one line says how to
   continue); a second Ctrl-C stops at once. A non-finite loss stops the run before the
   update, keeping the last good checkpoint; it may then be resumed with a lower
@@ -46,34 +49,33 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (atomic_write_text, git_commit, read_checkpoint, rng_from_plain, rng_to_plain,
-                         save_checkpoint, state_mismatch)
-from .config import Config, build_diffusion, build_model
-from .data import batch_stream, load_dataset, to_model_range
+from .checkpoint import git_commit, read_checkpoint, rng_from_plain, rng_to_plain, save_checkpoint, state_mismatch
+from .config import Config, TrainConfig, build_diffusion, build_model
+from .data import batch_stream, load_dataset, resolve_data_dir, to_model_range
+from .diffusion import GaussianDiffusion
+from .generate import save_grid, to_uint8
+from .rundir import (FINAL, LAST, RUN, Resume, RunDirError, append_stats, check_run_dir, grid_path,
+                     recorded_data_dir, saved_config, start_run)
+from .sampling import sample
 from .unet import num_params
-
-LAST, FINAL, CONFIG, STATS, RUN = "last.pt", "final.pt", "config.json", "stats.jsonl", "run.json"
-# Fields that may differ between a run's saved config and the one given on --resume:
-# they change how long the run goes and what it writes, not what it computes.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "data.num_workers"}
-# ... and, when the checkpoint resumed from precedes a recorded non-finite loss, these too
-# (the advice the divergence message gives must be possible to follow).
-AFTER_DIVERGENCE_CHANGES = {"train.lr"}
-
-
-class RunDirError(RuntimeError):
-    """The output folder cannot be used as asked (existing run, nothing to resume, ...)."""
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the last good checkpoint is kept."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """optimisation_step found a non-finite loss or gradient norm and applied no update."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        super().__init__(f"loss={loss}, grad norm={grad_norm}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 class DeviceError(ValueError):
@@ -108,10 +110,10 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 @dataclass
 class Dist:
+    """This process's place in the process group (a single process: rank 0 of 1)."""
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
-    created: bool = False
+    created: bool = False  # by setup_distributed, so train() destroys it at the end
 
     @property
     def main(self) -> bool:
@@ -120,6 +122,26 @@ class Dist:
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is set on any rank (the same answer on every rank)."""
+        if self.world_size == 1:
+            return flag
+        return self.sum_(torch.tensor([float(flag)], device=device)).item() > 0
+
+    def gather(self, obj) -> List[Any]:
+        """Every rank's ``obj``, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def setup_distributed(device: torch.device) -> Dist:
@@ -132,7 +154,7 @@ def setup_distributed(device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created)
+    return Dist(dist.get_rank(), dist.get_world_size(), created)
 
 
 def pick_device(name: Optional[str]) -> torch.device:
@@ -168,69 +190,6 @@ def pick_device(name: Optional[str]) -> torch.device:
     return dev
 
 
-# ----------------------------------------------------------------------------- run dir
-
-
-def inspect_run_dir(out: Path) -> Dict[str, Any]:
-    """What ``out`` holds: {'kind': 'new'|'run'|'foreign', 'step': int|None, 'finished_step': ...}."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return {"kind": "new"}
-    if not out.is_dir():
-        return {"kind": "foreign"}
-    if not any((out / f).exists() for f in (CONFIG, LAST, FINAL)):
-        return {"kind": "foreign"}
-    return {"kind": "run", "has_last": (out / LAST).exists(), "has_final": (out / FINAL).exists()}
-
-
-def _config_diff(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
-    return {f"{s}.{k}": (a[s].get(k), b[s].get(k)) for s in a for k in set(a[s]) | set(b.get(s, {}))
-            if a[s].get(k) != b.get(s, {}).get(k)}
-
-
-def saved_config(out: Path) -> Config:
-    """The resolved config of the run in ``out`` (from last.pt if present, else config.json)."""
-    from .config import ConfigError
-
-    src = out / LAST if (out / LAST).exists() else out / CONFIG
-    if not src.exists():
-        raise RunDirError(f"{out} holds no run to resume (no {LAST} or {CONFIG})")
-    try:
-        d = read_checkpoint(src)["config"] if src.name == LAST else json.loads(src.read_text())
-        return Config.from_dict(d)
-    except (ConfigError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        raise RunDirError(f"--resume: {src} is not the config of a ddpm run ({e}); {out} is not a run "
-                          "this code can continue: choose another --out") from None
-
-
-def _read_run_json(out: Path) -> Optional[Dict[str, Any]]:
-    try:
-        rec = json.loads((out / RUN).read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def recorded_data_dir(out: Path) -> Optional[str]:
-    """The data dir the run in ``out`` used (run.json, its latest call), if it still exists."""
-    rec = _read_run_json(Path(out)) or {}
-    calls = [rec, *[r for r in rec.get("resumes", []) if isinstance(r, dict)]]
-    dirs = [c.get("data_dir") for c in calls if c.get("data_dir")]
-    return dirs[-1] if dirs and Path(dirs[-1]).is_dir() else None
-
-
-def diverged_after(out: Path, step: int) -> Optional[int]:
-    """The step of a non-finite loss recorded in stats.jsonl after checkpoint step ``step``
-    (the divergence a --resume from that checkpoint retries), else None."""
-    try:
-        lines = (out / STATS).read_text().splitlines()
-    except OSError:
-        return None
-    hits = [rec.get("step", 0) for rec in (json.loads(ln) for ln in lines if ln.strip())
-            if rec.get("event") == "nonfinite" and rec.get("step", 0) > step]
-    return hits[-1] if hits else None
-
-
 class _CtrlC:
     """Ctrl-C (SIGINT) in the training loop (once ``armed``): finish the step, then save and
     stop. A second Ctrl-C, or one before the loop, raises KeyboardInterrupt at once. Only the
@@ -255,33 +214,162 @@ class _CtrlC:
         return False
 
 
-# ------------------------------------------------------------------------------- RNG
+# ------------------------------------------------------------------------ training state
 
 
-def _rng_state(gen: torch.Generator) -> Dict[str, Any]:
-    # Plain data (tensors, lists, numbers), so that the checkpoint loads with weights_only=True.
-    return rng_to_plain({"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                         "numpy": np.random.get_state(), "python": random.getstate(),
-                         "batch_gen": gen.get_state()})
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # fused Adam on CUDA: one kernel per step (CPU keeps the default, reference implementation)
+    return torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps,
+                            fused=True if device.type == "cuda" else None)
 
 
-def _set_rng_state(s: Dict[str, Any], gen: torch.Generator) -> None:
-    s = rng_from_plain(s)
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    gen.set_state(s["batch_gen"])
+@dataclass
+class TrainState:
+    """What training changes, hence what a checkpoint holds for a resume to be bit-exact."""
+    model: torch.nn.Module
+    ema: torch.nn.Module  # the EMA of model's weights: what samples and evaluations use
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # t, noise and flips of the global batch: one stream, every rank
+    step: int = 0  # updates applied
+
+    @classmethod
+    def create(cls, cfg: Config, device: torch.device, rank: int = 0) -> "TrainState":
+        """Step 0. The initial weights depend on the seed only (not the rank); the batch
+        generator is shared by all ranks; dropout and the rest are seeded per rank."""
+        seed = cfg.train.seed
+        torch.manual_seed(derive_seed(seed, 0))
+        model = build_model(cfg).to(device)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        torch.manual_seed(derive_seed(seed, 1, rank))
+        np.random.seed(derive_seed(seed, 2, rank) % 2 ** 32)
+        random.seed(derive_seed(seed, 3, rank))
+        gen = torch.Generator(device=device)
+        gen.manual_seed(derive_seed(seed, 4))
+        return cls(model, ema, make_optimizer(model, cfg.train, device), gen)
+
+    def rng_state(self) -> Dict[str, Any]:
+        # Plain data (tensors, lists, numbers), so that the checkpoint loads with weights_only=True.
+        return rng_to_plain({"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                             "numpy": np.random.get_state(), "python": random.getstate(),
+                             "batch_gen": self.gen.get_state()})
+
+    def set_rng_state(self, s: Dict[str, Any]) -> None:
+        s = rng_from_plain(s)
+        torch.set_rng_state(s["torch"])
+        if s.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+        np.random.set_state(s["numpy"])
+        random.setstate(s["python"])
+        self.gen.set_state(s["batch_gen"])
+
+    def reseed(self, seed: int, rank: int) -> None:
+        """Fresh torch and batch streams from (seed, step), for a checkpoint whose saved
+        states do not fit this run (another number of processes or device type)."""
+        torch.manual_seed(derive_seed(seed, 1, rank, self.step))
+        self.gen.manual_seed(derive_seed(seed, 4, self.step))
+
+    def load(self, ckpt: Dict[str, Any]) -> None:
+        """Weights, EMA, optimizer and step from a checkpoint (the RNG: set_rng_state or reseed)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+
+    def checkpoint(self, cfg: Config, ranks: List[Dict[str, Any]], device_type: str,
+                   dataset_size: int) -> Dict[str, Any]:
+        """The checkpoint of this state; ``ranks``: every rank's RNG states (and loss window)."""
+        tc = cfg.train
+        return {"config": cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "rng": {"world_size": len(ranks), "device": device_type, "ranks": ranks},
+                "data": {"seed": tc.seed, "global_batch": tc.batch_size, "dataset_size": dataset_size,
+                         "next_position": self.step * tc.batch_size,
+                         "epoch": self.step * tc.batch_size // dataset_size}}
 
 
-def _gather(obj, d: Dist):
-    if d.world_size == 1:
-        return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
+class LossWindow:
+    """The sums behind the next stats.jsonl line, on this rank: loss, gradient norm, and the
+    per-example loss and example count per quarter of t, over the steps since the last line.
+    One float64 tensor, so that DDP adds the ranks' windows in one all_reduce and a checkpoint
+    carries it (a resumed run then logs what an uninterrupted one logs); the wall-clock time
+    and image count behind images/s are not carried."""
+
+    def __init__(self, T: int, device: torch.device):
+        self.sums = torch.zeros(11, device=device, dtype=torch.float64)
+        # Named views into self.sums; count = steps x ranks (every rank adds 1 per step).
+        self.loss, self.grad_norm, self.count = self.sums[0], self.sums[1], self.sums[2]
+        self.quarter_loss, self.quarter_count = self.sums[3:7], self.sums[7:11]
+        self.quarter_edges = torch.tensor([T // 4, T // 2, 3 * T // 4], device=device)
+        self.seconds, self.images = 0.0, 0
+
+    def add(self, losses: torch.Tensor, grad_norm: torch.Tensor, t: torch.Tensor, seconds: float,
+            images: int) -> None:
+        q = torch.bucketize(t, self.quarter_edges, right=True)  # t in [T//4, T//2) -> quarter 1, ...
+        self.loss.add_(losses.mean().double())
+        self.grad_norm.add_(grad_norm.double())
+        self.count.add_(1)
+        self.quarter_loss.index_add_(0, q, losses.double())
+        self.quarter_count.index_add_(0, q, torch.ones_like(losses, dtype=torch.float64))
+        self.seconds += seconds
+        self.images += images
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    def line(self, d: Dist, step: int, lr: float, epoch: float) -> Dict[str, Any]:
+        """The stats.jsonl record of the window, summed over every rank; then an empty window."""
+        loss, grad_norm, k, *q = d.sum_(self.sums).tolist()
+        rec = {"step": step, "loss": loss / k, "grad_norm": grad_norm / k, "lr": lr,
+               "loss_by_t_quarter": [s / c if c else None for s, c in zip(q[:4], q[4:])],
+               "images_per_s": self.images_per_s, "epoch": epoch, "time": time.time()}
+        self.sums.zero_()
+        self.seconds, self.images = 0.0, 0
+        return rec
+
+
+# ------------------------------------------------------------------------------ one update
+
+
+class StepOutput(NamedTuple):
+    losses: torch.Tensor  # per-example loss of this rank's batch (detached)
+    grad_norm: torch.Tensor  # the gradient norm before clipping
+    loss: float  # the mean loss over the global batch
+    lr: float  # the learning rate the update used
+
+
+def optimisation_step(state: TrainState, net: Callable, diffusion: GaussianDiffusion, x0: torch.Tensor,
+                      t: torch.Tensor, noise: torch.Tensor, tc: TrainConfig, d: Optional[Dist] = None
+                      ) -> StepOutput:
+    """One update of Algorithm 1 on a drawn batch: the loss under bf16 autocast if
+    train.bf16, its gradient clipped to norm train.grad_clip, Adam at the warmed-up learning
+    rate, then the EMA. ``net`` runs the forward: state.model or a wrapper of it (DDP,
+    torch.compile, another library's call convention). A non-finite loss or gradient norm
+    on any rank raises NonFiniteLoss on every rank before the optimizer or EMA change."""
+    d = d or Dist()
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+        losses = diffusion.training_losses(net, x0, t, noise)["loss"].float()
+    assert losses.shape == (x0.shape[0],), losses.shape
+    loss = losses.mean()
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    # grad_clip 0: no clipping (the norm is still computed, for the log and the NaN guard)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(),
+                                               tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    # The global mean loss; summing it over the ranks also makes a non-finite loss on any
+    # rank stop every rank. One .tolist(): one device sync per step.
+    global_loss = d.sum_(loss.detach().clone()) / d.world_size
+    loss_val, norm_val = torch.stack([global_loss, grad_norm.detach().float()]).tolist()
+    if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+        raise NonFiniteLoss(loss_val, norm_val)
+    lr = warmup_lr(tc.lr, tc.warmup, state.step)
+    for group in state.opt.param_groups:
+        group["lr"] = lr
+    state.opt.step()
+    ema_update(state.ema, state.model, tc.ema_decay)
+    state.step += 1
+    return StepOutput(losses.detach(), grad_norm.detach(), loss_val, lr)
 
 
 # ------------------------------------------------------------------------------ training
@@ -310,290 +398,214 @@ def train(cfg: Config, out_dir, *, resume: bool = False, data_dir=None, download
             dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """One call of train(): what the loop needs besides the TrainState."""
+    cfg: Config
+    out: Path
+    d: Dist
+    dev: torch.device
+    diffusion: GaussianDiffusion
+    log: Callable[..., None]
+    dataset: Any = None
+    n_params: int = 0
+
+    def batch(self, images: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
+        """(x0, t, noise) for this rank from its uint8 images: [-1, 1], flipped or not."""
+        tc, C, R = self.cfg.train, self.cfg.data.channels, self.cfg.data.resolution
+        local = tc.batch_size // self.d.world_size
+        lo, hi = self.d.rank * local, (self.d.rank + 1) * local
+        x0 = images.to(self.dev, non_blocking=True)
+        assert x0.shape == (local, C, R, R) and x0.dtype == torch.uint8, x0.shape
+        x0 = to_model_range(x0)
+        # One draw for the whole global batch, in a fixed order; this rank keeps [lo, hi),
+        # so that the run does not depend on the number of ranks.
+        flip = torch.rand(tc.batch_size, device=self.dev, generator=gen)[lo:hi] < 0.5
+        t = torch.randint(0, self.diffusion.T, (tc.batch_size,), device=self.dev, generator=gen)[lo:hi]
+        noise = torch.randn((tc.batch_size, C, R, R), device=self.dev, generator=gen)[lo:hi]
+        if self.cfg.data.hflip:
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        return x0, t, noise
+
+    def save(self, state: TrainState, window: LossWindow, names: List[str]) -> None:
+        # Every rank's RNG states and partial loss window, so that stats.jsonl continues exactly too.
+        ranks = self.d.gather({**state.rng_state(), "log_acc": window.sums.cpu()})
+        if self.d.main:
+            ckpt = state.checkpoint(self.cfg, ranks, self.dev.type, len(self.dataset))
+            for name in names:
+                save_checkpoint(self.out / name, ckpt)
+
+    def sample_grid(self, state: TrainState) -> None:
+        if not self.d.main:
+            return
+        C, R = self.cfg.data.channels, self.cfg.data.resolution
+        n = 16 if R <= 64 else 8
+        g = torch.Generator(device=self.dev)
+        g.manual_seed(derive_seed(self.cfg.train.seed, 5))  # the same noise at every step: grids are comparable
+        x, _ = sample(self.diffusion, state.ema, (n, C, R, R), generator=g, device=self.dev)
+        save_grid(to_uint8(x), grid_path(self.out, state.step), nrow=4)
+
+    def diverged(self, e: NonFiniteLoss, step: int) -> TrainingDiverged:
+        """The error for a non-finite loss at ``step``, recorded in stats.jsonl."""
+        out = self.out
+        last = (f"{out / LAST} (step {read_checkpoint(out / LAST)['step']})"
+                if (out / LAST).exists() else "none: no checkpoint was written yet")
+        if self.d.main:
+            append_stats(out, {"step": step, "event": "nonfinite", "loss": str(e.loss),
+                               "grad_norm": str(e.grad_norm)})
+        return TrainingDiverged(
+            f"non-finite loss at step {step}: loss={e.loss}, grad norm={e.grad_norm}; training stopped "
+            f"without applying this update. Last good checkpoint: {last}. Continue with a lower learning "
+            f"rate (allowed after a non-finite loss, recorded in {RUN}): python -m ddpm train --out {out} "
+            f"--resume --set train.lr={self.cfg.train.lr / 4:g}; or check the data.")
+
+
 def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command, ctrl_c):
     tc = cfg.train
     log = print if d.main else (lambda *a, **k: None)
-
-    # --- the run directory: never overwrite a run silently -------------------------------
-    state = None
-    info = inspect_run_dir(out)
-    if info["kind"] == "foreign":
-        raise RunDirError(f"--out {out} exists and holds files that are not a ddpm run; "
-                          "choose another --out (nothing is overwritten)")
-    if info["kind"] == "run" and not resume:
-        what = "a finished run" if info["has_final"] else "a run"
-        raise RunDirError(f"--out {out} already holds {what}; pass --resume to continue it, or choose "
-                          "another --out (nothing is overwritten)")
-    if resume and info["kind"] == "new":
-        raise RunDirError(f"--resume: {out} holds no run to resume; drop --resume to start one")
-    config_changes, diverged = {}, None
-    if resume and info["kind"] == "run":
-        old = saved_config(out)
-        if info["has_last"]:
-            state = read_checkpoint(out / LAST)
-        diverged = diverged_after(out, int(state["step"]) if state is not None else 0)
-        allowed = RESUMABLE_CHANGES | (AFTER_DIVERGENCE_CHANGES if diverged else set())
-        changes = _config_diff(old.to_dict(), cfg.to_dict())
-        diff = {k: v for k, v in changes.items() if k not in allowed}
-        if diff:
-            raise RunDirError(
-                f"--resume: the config differs from the run's in {out} in "
-                + ", ".join(f"{k} (run: {a!r}, now: {b!r})" for k, (a, b) in sorted(diff.items()))
-                + f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume (and "
-                + f"{', '.join(sorted(AFTER_DIVERGENCE_CHANGES))} after a non-finite loss)")
-        config_changes = {k: list(v) for k, v in changes.items() if k in AFTER_DIVERGENCE_CHANGES}
-        if config_changes:
-            log(f"resuming after the non-finite loss at step {diverged} with "
-                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(config_changes.items())))
-        if state is not None:
-            if state["step"] >= tc.steps:
-                log(f"the run in {out} is already finished: step {state['step']} of "
-                    f"train.steps={tc.steps}; nothing to do (to train longer: --resume --set "
-                    f"train.steps=MORE)")
-                return {"step": state["step"], "out": str(out), "finished": True, "already_finished": True}
+    prior = check_run_dir(out, cfg, resume)  # before anything is built: a bad --out fails fast
+    if prior.config_changes:
+        log(f"resuming after the non-finite loss at step {prior.diverged_at} with "
+            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(prior.config_changes.items())))
+    if prior.checkpoint is not None and prior.checkpoint["step"] >= tc.steps:
+        log(f"the run in {out} is already finished: step {prior.checkpoint['step']} of train.steps={tc.steps}; "
+            f"nothing to do (to train longer: --resume --set train.steps=MORE)")
+        return {"step": prior.checkpoint["step"], "out": str(out), "finished": True, "already_finished": True}
     d.barrier()  # every rank has inspected the folder before rank 0 writes into it
 
-    # --- model, EMA, optimizer: the initial weights depend on the seed only (not the rank) ---
-    torch.manual_seed(derive_seed(tc.seed, 0))
-    diffusion = build_diffusion(cfg)
-    model = build_model(cfg).to(dev)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-
-    # --- seeds: the batch generator is shared by all ranks; dropout etc. per rank -----
-    torch.manual_seed(derive_seed(tc.seed, 1, d.rank))
-    np.random.seed(derive_seed(tc.seed, 2, d.rank) % 2 ** 32)
-    random.seed(derive_seed(tc.seed, 3, d.rank))
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(derive_seed(tc.seed, 4))
-    # fused Adam on CUDA: one kernel per step (CPU keeps the default, reference implementation)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, eps=tc.adam_eps,
-                           fused=True if dev.type == "cuda" else None)
-    step, resumed_rng = 0, None
-    if state is not None:
-        bad = state_mismatch(model, state["model"])
-        if bad:
-            raise RunDirError(f"--resume: the weights in {out / LAST} do not fit its config ({bad}); "
-                              "the checkpoint was not written by this code for this config")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        rng = state["rng"]
-        if rng["world_size"] == d.world_size and rng["device"] == dev.type:
-            resumed_rng = rng["ranks"][d.rank]
-            _set_rng_state(resumed_rng, gen)
-        else:
-            log(f"warning: the checkpoint was written by {rng['world_size']} process(es) on "
-                f"{rng['device']}, this run has {d.world_size} on {dev.type}: random streams are "
-                "reseeded from (seed, step), so the data order is identical but timesteps, noise "
-                "and dropout differ from an uninterrupted run")
-            torch.manual_seed(derive_seed(tc.seed, 1, d.rank, step))
-            gen.manual_seed(derive_seed(tc.seed, 4, step))
-        log(f"resuming {out} from step {step} of {tc.steps}")
-    n_params = num_params(model)
-
-    net = model
+    run = _Run(cfg, out, d, dev, build_diffusion(cfg), log)
+    state = TrainState.create(cfg, dev, d.rank)
+    window = LossWindow(run.diffusion.T, dev)
+    if prior.checkpoint is not None:
+        _resume(run, state, window, prior.checkpoint)
+    run.n_params = num_params(state.model)
+    net = state.model
     if d.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            state.model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if tc.compile:
         net = torch.compile(net)
 
-    # --- data (after the run dir checks: a bad --out fails fast) -------------------------
+    run.dataset, data_dir = _open_data(run, data_dir, resume, download, progress)
+    batches = batch_stream(run.dataset, tc.seed, state.step, tc.batch_size, d.rank, d.world_size,
+                           cfg.data.num_workers)
+    if d.main:  # the run's description, before training starts
+        start_run(out, cfg, _run_record(run, data_dir, command, state.step, prior), resume, state.step)
+        log(f"training {cfg.data.dataset} ({len(run.dataset):,} images), {run.n_params:,} params, "
+            f"global batch {tc.batch_size} over {d.world_size} process(es) on {dev}, "
+            f"steps {state.step}..{tc.steps} -> {out}")
+    d.barrier()
+
+    bar = None
+    if d.main and progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tc.steps, initial=state.step, unit="step", dynamic_ncols=True, desc="train")
+    try:
+        res = _loop(run, state, net, batches, window, ctrl_c, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if res["finished"]:
+        log(f"done: {out / FINAL} (step {state.step})")
+    return res
+
+
+def _loop(run: _Run, state: TrainState, net, batches, window: LossWindow, ctrl_c: _CtrlC, bar) -> Dict[str, Any]:
+    """Train from state.step to train.steps; log, sample and save on schedule."""
+    tc, out = run.cfg.train, run.out
+    state.model.train()
+    ctrl_c.armed = True  # from here on, Ctrl-C means: finish this step, save, stop
+    while state.step < tc.steps:
+        t0 = time.perf_counter()
+        x0, t, noise = run.batch(next(batches), state.gen)
+        try:
+            upd = optimisation_step(state, net, run.diffusion, x0, t, noise, tc, run.d)
+        except NonFiniteLoss as e:  # nothing was updated: the last checkpoint is the last good state
+            raise run.diverged(e, state.step + 1) from None
+        step = state.step
+        window.add(upd.losses, upd.grad_norm, t, time.perf_counter() - t0, tc.batch_size)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{upd.loss:.4f}", img_s=f"{window.images_per_s:.1f}", refresh=False)
+
+        # On schedule, and at the last step whatever the schedule (the run's final record).
+        if step % tc.log_every == 0 or step == tc.steps:
+            rec = window.line(run.d, step, upd.lr, epoch=step * tc.batch_size / len(run.dataset))
+            if run.d.main:
+                append_stats(out, rec)
+        if step % tc.sample_every == 0 or step == tc.steps:
+            run.sample_grid(state)
+        if step == tc.steps:
+            run.save(state, window, [LAST, FINAL])
+        elif step % tc.ckpt_every == 0:
+            run.save(state, window, [LAST])
+        # Ctrl-C: stop after a whole step, with a checkpoint of it (every rank agrees on when).
+        if run.d.any(ctrl_c.requested, run.dev) and step < tc.steps:
+            if step % tc.ckpt_every:  # else last.pt of this very step was just written
+                run.save(state, window, [LAST])
+            return {"step": step, "out": str(out), "finished": False, "interrupted": True,
+                    "num_params": run.n_params}
+    ctrl_c.armed = False
+    return {"step": state.step, "out": str(out), "finished": True, "num_params": run.n_params}
+
+
+def _resume(run: _Run, state: TrainState, window: LossWindow, ckpt: Dict[str, Any]) -> None:
+    """Continue from last.pt: weights, optimizer and step; and, when the checkpoint was
+    written by as many processes on the same kind of device, every random stream and the
+    partial loss window exactly where they were."""
+    tc, d = run.cfg.train, run.d
+    bad = state_mismatch(state.model, ckpt["model"])
+    if bad:
+        raise RunDirError(f"--resume: the weights in {run.out / LAST} do not fit its config ({bad}); "
+                          "the checkpoint was not written by this code for this config")
+    state.load(ckpt)
+    rng = ckpt["rng"]
+    if rng["world_size"] == d.world_size and rng["device"] == run.dev.type:
+        mine = rng["ranks"][d.rank]
+        state.set_rng_state(mine)
+        if "log_acc" in mine:
+            window.sums.copy_(mine["log_acc"])
+    else:
+        run.log(f"warning: the checkpoint was written by {rng['world_size']} process(es) on "
+                f"{rng['device']}, this run has {d.world_size} on {run.dev.type}: random streams are "
+                "reseeded from (seed, step), so the data order is identical but timesteps, noise "
+                "and dropout differ from an uninterrupted run")
+        state.reseed(tc.seed, d.rank)
+    run.log(f"resuming {run.out} from step {state.step} of {tc.steps}")
+
+
+def _open_data(run: _Run, data_dir, resume: bool, download: bool, progress: bool):
+    """(the dataset, the data dir it came from); after the run dir checks: a bad --out fails fast."""
+    d = run.d
     if data_dir is None and resume:  # the run's own data dir, so --resume needs no --data-dir
-        data_dir = recorded_data_dir(out)
+        data_dir = recorded_data_dir(run.out)
         if data_dir:
-            log(f"data dir {data_dir} (from {out / RUN})")
+            run.log(f"data dir {data_dir} (from {run.out / RUN})")
     # With --download only rank 0 downloads; the others wait for it, then read the files.
     # (Multi-node: the data dir must be shared, or filled on every node beforehand.)
     if download and not d.main:
         d.barrier()
-    dataset = load_dataset(cfg.data, data_dir, download=download and d.main, progress=d.main and progress)
+    dataset = load_dataset(run.cfg.data, data_dir, download=download and d.main, progress=d.main and progress)
     if download and d.main:
         d.barrier()
-    batches = batch_stream(dataset, tc.seed, step, tc.batch_size, d.rank, d.world_size,
-                           cfg.data.num_workers)
-    local = tc.batch_size // d.world_size
-    C, R = cfg.data.channels, cfg.data.resolution
-    lo, hi = d.rank * local, (d.rank + 1) * local
+    return dataset, data_dir
 
-    # --- write the run's description before training starts ------------------------------
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob("*.tmp"):  # left by a kill during an atomic write
-            tmp.unlink()
-        atomic_write_text(out / CONFIG, cfg.to_json() + "\n")
-        from .data import resolve_data_dir
 
-        record = {
-            "num_params": n_params, "world_size": d.world_size, "device": str(dev),
-            "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                            else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
-            "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
-            "dataset": getattr(dataset, "name", cfg.data.dataset), "dataset_size": len(dataset),
-            "data_dir": str(resolve_data_dir(data_dir)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": command or " ".join(sys.argv), "resumed_from_step": step or None,
-        }
-        if config_changes:
-            record.update(config_changes=config_changes, reason=f"non-finite loss at step {diverged}")
-        # The first call's record stays on top; each resume appends its own (nothing is lost).
-        first = _read_run_json(out) if resume else None
-        if first is not None:
-            record = {**first, "resumes": [*first.get("resumes", []), record]}
-        atomic_write_text(out / RUN, json.dumps(record, indent=2) + "\n")
-        # A resumed run may have logged past its last checkpoint before it died: drop those
-        # (events such as a non-finite loss stay: they are the run's history).
-        stats_path = out / STATS
-        if stats_path.exists():
-            keep = [ln for ln in stats_path.read_text().splitlines()
-                    if ln.strip() and (json.loads(ln).get("step", 0) <= step or "event" in json.loads(ln))]
-            atomic_write_text(stats_path, "".join(ln + "\n" for ln in keep))
-        log(f"training {cfg.data.dataset} ({len(dataset):,} images), {n_params:,} params, "
-            f"global batch {tc.batch_size} over {d.world_size} process(es) on {dev}, "
-            f"steps {step}..{tc.steps} -> {out}")
-    d.barrier()
-
-    def checkpoint(path_names):
-        # Per rank: RNG states and the partial log window, so stats.jsonl continues exactly too.
-        rng = _gather({**_rng_state(gen), "log_acc": acc.cpu()}, d)
-        if not d.main:
-            return
-        st = {"config": cfg.to_dict(), "step": step, "model": model.state_dict(),
-              "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-              "rng": {"world_size": d.world_size, "device": dev.type, "ranks": rng},
-              "data": {"seed": tc.seed, "global_batch": tc.batch_size, "dataset_size": len(dataset),
-                       "next_position": step * tc.batch_size,
-                       "epoch": step * tc.batch_size // len(dataset)}}
-        for name in path_names:
-            save_checkpoint(out / name, st)
-
-    def sample_grid():
-        if not d.main:
-            return
-        from .generate import save_grid, to_uint8
-        from .sampling import sample
-
-        n = 16 if R <= 64 else 8
-        g = torch.Generator(device=dev)
-        g.manual_seed(derive_seed(tc.seed, 5))  # the same noise at every step: grids are comparable
-        x, _ = sample(diffusion, ema, (n, C, R, R), generator=g, device=dev)
-        save_grid(to_uint8(x), out / "samples" / f"step_{step:07d}.png", nrow=4)
-
-    # --- the loop ------------------------------------------------------------------------
-    bar = None
-    if d.main and progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
-    acc = torch.zeros(11, device=dev, dtype=torch.float64)  # loss, gnorm, n, q_sum[4], q_cnt[4]
-    if resumed_rng is not None and "log_acc" in resumed_rng:
-        acc.copy_(resumed_rng["log_acc"])
-    t_window, n_window, window_steps = 0.0, 0, 0
-    model.train()
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.bf16)
-    T = diffusion.T
-    with torch.no_grad():
-        quarter_edges = torch.tensor([T // 4, T // 2, 3 * T // 4], device=dev)
-    ctrl_c.armed = True  # from here on, Ctrl-C means: finish this step, save, stop
-    while step < tc.steps:
-        t0 = time.perf_counter()
-        x0 = next(batches).to(dev, non_blocking=True)
-        assert x0.shape == (local, C, R, R) and x0.dtype == torch.uint8, x0.shape
-        x0 = to_model_range(x0)
-        # One draw for the whole global batch, in a fixed order; this rank keeps [lo, hi).
-        flip = torch.rand(tc.batch_size, device=dev, generator=gen)[lo:hi] < 0.5
-        t = torch.randint(0, T, (tc.batch_size,), device=dev, generator=gen)[lo:hi]
-        noise = torch.randn((tc.batch_size, C, R, R), device=dev, generator=gen)[lo:hi]
-        if cfg.data.hflip:
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-        with autocast:
-            losses = diffusion.training_losses(net, x0, t, noise)
-        loss_b = losses["loss"].float()
-        assert loss_b.shape == (local,), loss_b.shape
-        loss = loss_b.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # grad_clip 0: no clipping (the norm is still computed, for the log and the NaN guard)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        # Global mean loss (also makes a non-finite loss on any rank stop every rank).
-        g_loss = loss.detach().clone()
-        if d.world_size > 1:
-            dist.all_reduce(g_loss)
-            g_loss /= d.world_size
-        loss_val, gnorm_val = torch.stack([g_loss, gnorm.detach().float()]).tolist()
-        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
-            if bar is not None:
-                bar.close()
-            last = (f"{out / LAST} (step {read_checkpoint(out / LAST)['step']})"
-                    if (out / LAST).exists() else "none: no checkpoint was written yet")
-            msg = (f"non-finite loss at step {step + 1}: loss={loss_val}, grad norm={gnorm_val}; "
-                   f"training stopped without applying this update. Last good checkpoint: {last}. "
-                   f"Continue with a lower learning rate (allowed after a non-finite loss, recorded in "
-                   f"{RUN}): python -m ddpm train --out {out} --resume --set train.lr={tc.lr / 4:g}; "
-                   f"or check the data.")
-            if d.main:
-                with open(out / STATS, "a") as f:
-                    f.write(json.dumps({"step": step + 1, "event": "nonfinite", "loss": str(loss_val),
-                                        "grad_norm": str(gnorm_val)}) + "\n")
-            raise TrainingDiverged(msg)
-        lr = warmup_lr(tc.lr, tc.warmup, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        ema_update(ema, model, tc.ema_decay)
-        step += 1
-
-        q = torch.bucketize(t, quarter_edges, right=True)
-        acc[0] += loss.detach().double()
-        acc[1] += gnorm.detach().double()
-        acc[2] += 1
-        acc[3:7].index_add_(0, q, loss_b.detach().double())
-        acc[7:11].index_add_(0, q, torch.ones_like(loss_b, dtype=torch.float64))
-        t_window += time.perf_counter() - t0
-        n_window += tc.batch_size
-        window_steps += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{n_window / max(t_window, 1e-9):.1f}",
-                            refresh=False)
-
-        if step % tc.log_every == 0 or step == tc.steps:
-            if d.world_size > 1:
-                dist.all_reduce(acc)
-            a = acc.tolist()
-            k = a[2]  # steps x ranks
-            rec = {"step": step, "loss": a[0] / k, "grad_norm": a[1] / k, "lr": lr,
-                   "loss_by_t_quarter": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],
-                   "images_per_s": n_window / max(t_window, 1e-9),
-                   "epoch": step * tc.batch_size / len(dataset), "time": time.time()}
-            if d.main:
-                with open(out / STATS, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            acc.zero_()
-            t_window, n_window, window_steps = 0.0, 0, 0
-        if step % tc.sample_every == 0 or step == tc.steps:
-            sample_grid()
-        if step == tc.steps:
-            checkpoint([LAST, FINAL])
-        elif step % tc.ckpt_every == 0:
-            checkpoint([LAST])
-        # Ctrl-C: stop after a whole step, with a checkpoint of it (every rank agrees on when).
-        stop = ctrl_c.requested
-        if d.world_size > 1:
-            flag = torch.tensor([float(stop)], device=dev)
-            dist.all_reduce(flag)
-            stop = flag.item() > 0
-        if stop and step < tc.steps:
-            if step % tc.ckpt_every:
-                checkpoint([LAST])
-            if bar is not None:
-                bar.close()
-            return {"step": step, "out": str(out), "finished": False, "interrupted": True,
-                    "num_params": n_params}
-    ctrl_c.armed = False
-    if bar is not None:
-        bar.close()
-    log(f"done: {out / FINAL} (step {step})")
-    return {"step": step, "out": str(out), "finished": True, "num_params": n_params}
+def _run_record(run: _Run, data_dir, command: Optional[str], step: int, prior: Resume) -> Dict[str, Any]:
+    """This call's record in run.json: what ran, on what, from which data and step."""
+    dev = run.dev
+    record = {
+        "num_params": run.n_params, "world_size": run.d.world_size, "device": str(dev),
+        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                        else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
+        "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
+        "dataset": getattr(run.dataset, "name", run.cfg.data.dataset), "dataset_size": len(run.dataset),
+        "data_dir": str(resolve_data_dir(data_dir)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command or " ".join(sys.argv), "resumed_from_step": step or None,
+    }
+    if prior.config_changes:
+        record.update(config_changes=prior.config_changes, reason=f"non-finite loss at step {prior.diverged_at}")
+    return record
 
 
 # ---------------------------------------------------------------------------- command line
@@ -665,4 +677,4 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{Path(args.out) / LAST}; continue with: python -m ddpm train --out {args.out} --resume",
               file=sys.stderr)
         return 130
-    return 0 if res.get("finished") else 1
+    return 0

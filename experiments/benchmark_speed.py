@@ -2,8 +2,9 @@
 
 Measures, in one run on one machine, for each variant (fp32, bf16 autocast,
 channels_last, torch.compile and their combinations):
-  - training throughput (images/s) of one full training step as ddpm/train.py does it:
-    q_sample + forward + L_simple, backward, grad-norm clip, Adam, EMA update;
+  - training throughput (images/s) of one full training step: ddpm.train.optimisation_step
+    itself (q_sample + forward + L_simple, backward, grad-norm clip, the non-finite check,
+    Adam at the paper's lr 2e-4, EMA update), on a fixed batch (no data loading);
   - 1000-step ancestral sampling throughput (images/s): ours through ddpm.sampling.sample
     (Algorithm 2), diffusers' through its DDPMScheduler loop as DDPMPipeline runs it.
     Only --steps steps are timed and the time is extrapolated to 1000 (every step runs
@@ -39,7 +40,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must not reach for the
 from ddpm import official  # noqa: E402
 from ddpm.config import build_diffusion, build_model, get_preset  # noqa: E402
 from ddpm.sampling import sample  # noqa: E402
+from ddpm.train import TrainState, make_optimizer, optimisation_step  # noqa: E402
 from ddpm.unet import num_params  # noqa: E402
 
 # Network sizes: the paper's CIFAR10 model, and a ~1.1M-parameter one of the same
@@ -228,11 +230,12 @@ class Runner:
         self.fn = wrap(torch.compile(model)) if variant.compile else self.eager_fn
         self.diffusion = build_diffusion(cfg)
         self.shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        self.opt = torch.optim.Adam(model.parameters(), lr=2e-4, eps=1e-8)  # the paper's optimizer
-        self.ema = copy.deepcopy(model).requires_grad_(False)
-        self.grad_clip = cfg.train.grad_clip
+        # The paper's recipe (Adam, clipping, EMA decay 0.9999) at its full lr: no warm-up.
+        self.tc = replace(cfg.train, bf16=variant.bf16, warmup=0)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16)
         g = torch.Generator(device=device).manual_seed(0)
+        self.state = TrainState(model, copy.deepcopy(model).eval().requires_grad_(False),
+                                make_optimizer(model, self.tc, device), gen=g)
         self.x0 = (torch.rand((batch, *self.shape), generator=g, device=device) * 2 - 1).contiguous(memory_format=fmt)
         self.t = torch.randint(0, self.diffusion.T, (batch,), generator=g, device=device)
         self.noise = torch.randn(self.x0.shape, generator=g, device=device).contiguous(memory_format=fmt)
@@ -245,16 +248,9 @@ class Runner:
             return self.fn(x, t).float()
 
     def train_step(self, fn=None):
+        """One update as the trainer takes it (its own function), on the fixed batch."""
         self.model.train()
-        with self.autocast:
-            loss = self.diffusion.training_losses(fn or self.fn, self.x0, self.t, self.noise)["loss"].float().mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        with torch.no_grad():  # the EMA update of ddpm/train.py (decay 0.9999)
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p.detach(), 1e-4)
+        optimisation_step(self.state, fn or self.fn, self.diffusion, self.x0, self.t, self.noise, self.tc)
 
     def train_steps(self):
         """``train_chunk`` training steps (one timed measurement)."""
@@ -385,58 +381,7 @@ def main(argv=None):
 
     rows = []
     for variant in args.variants:
-        runners = {name: Runner(name, m, wrap, variant, cfg, device, args.batch, args.sample_batch, args.steps,
-                                args.train_chunk)
-                   for name, (m, wrap) in nets.items() if name == "ours" or variant in args.diffusers_variants}
-        res = {name: {"impl": name, "variant": variant.name} for name in runners}
-        for name, r in runners.items():  # warm-up, compilation, optimizer state
-            t_compile = timed(r.train_step, device)
-            if not args.no_sampling:
-                t_compile += timed(r.sample_chunk, device)
-            res[name]["first_call_s"] = t_compile
-            res[name]["train_flops"], res[name]["fwd_flops"] = flops
-            res[name]["train_mem"] = mem.measure(r.train_step)
-            if not args.no_sampling:
-                res[name]["sample_mem"] = mem.measure(r.sample_chunk)
-        train_t = {name: [] for name in runners}
-        sample_t = {name: [] for name in runners}
-        # Alternate the implementations, in ABBA order, so that load changes on a shared
-        # machine hit both alike; the ratios below pair adjacent measurements.
-        for i in range(args.repeats):
-            for name, r in (list(runners.items()) if i % 2 == 0 else reversed(runners.items())):
-                train_t[name].append(timed2(r.train_steps, device))
-                if not args.no_sampling:
-                    sample_t[name].append(timed2(r.sample_chunk, device))
-        for name in runners:
-            out = res[name]
-            t_train = statistics.median(w for w, _ in train_t[name]) / args.train_chunk  # one step
-            out["train_img_s"] = args.batch / t_train
-            out["train_steps_s"] = 1 / t_train
-            out["train_img_cpu_s"] = args.batch * args.train_chunk / statistics.median(c for _, c in train_t[name])
-            out["train_tflop_s"] = out["train_flops"] / t_train / 1e12
-            out["train_times_s"] = train_t[name]
-            if not args.no_sampling:  # timed args.steps steps, extrapolated to 1000
-                per_step_wall = statistics.median(w for w, _ in sample_t[name]) / args.steps
-                per_step_cpu = statistics.median(c for _, c in sample_t[name]) / args.steps
-                out["sample_img_s"] = args.sample_batch / (per_step_wall * 1000)
-                out["sample_img_cpu_s"] = args.sample_batch / (per_step_cpu * 1000)
-                out["sample_times_s"] = sample_t[name]
-        if "diffusers" in runners:
-            # Speed ratio ours/diffusers (> 1: ours faster): the median over repeats of
-            # the ratio of the two adjacent measurements, wall-clock and CPU time.
-            for name in runners:
-                for kind, times in (("train", train_t), ("sample", sample_t)):
-                    for j, clock in ((0, ""), (1, "_cpu")):
-                        if times[name]:
-                            res[name][f"{kind}_img{clock}_s_vs_diffusers"] = statistics.median(
-                                d[j] / o[j] for o, d in zip(times[name], times["diffusers"]))
-        rows += [res[name] for name in runners]
-        for name in runners:  # as it goes: a run cut short by a time limit still says something
-            r = res[name]
-            print(f"  {name:9s} {variant.name:16s} train {r['train_img_s']:.4g} img/s"
-                  + (f", sample {r['sample_img_s']:.4g} img/s (1000 steps)" if "sample_img_s" in r else "")
-                  + f"; first call {r['first_call_s']:.1f} s", flush=True)
-        del runners
+        rows += measure_variant(variant, nets, cfg, device, args, flops, mem)
 
     # The peak again after the runs, keeping the better: on a shared machine one
     # measurement may fall in a busy moment (and a model would then seem above peak).
@@ -460,6 +405,62 @@ def main(argv=None):
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
             "rows": rows}, indent=2))
         print(f"wrote {args.out}")
+
+
+def measure_variant(variant, nets, cfg, device, args, flops, mem):
+    """The result rows of one variant: for ours and (if measured at this variant) diffusers',
+    the first call, peak memory, then --repeats timings of training and sampling."""
+    runners = {name: Runner(name, m, wrap, variant, cfg, device, args.batch, args.sample_batch, args.steps,
+                            args.train_chunk)
+               for name, (m, wrap) in nets.items() if name == "ours" or variant in args.diffusers_variants}
+    res = {name: {"impl": name, "variant": variant.name} for name in runners}
+    for name, r in runners.items():  # warm-up, compilation, optimizer state
+        t_compile = timed(r.train_step, device)
+        if not args.no_sampling:
+            t_compile += timed(r.sample_chunk, device)
+        res[name]["first_call_s"] = t_compile
+        res[name]["train_flops"], res[name]["fwd_flops"] = flops
+        res[name]["train_mem"] = mem.measure(r.train_step)
+        if not args.no_sampling:
+            res[name]["sample_mem"] = mem.measure(r.sample_chunk)
+    train_t = {name: [] for name in runners}
+    sample_t = {name: [] for name in runners}
+    # Alternate the implementations, in ABBA order, so that load changes on a shared
+    # machine hit both alike; the ratios below pair adjacent measurements.
+    for i in range(args.repeats):
+        for name, r in (list(runners.items()) if i % 2 == 0 else reversed(runners.items())):
+            train_t[name].append(timed2(r.train_steps, device))
+            if not args.no_sampling:
+                sample_t[name].append(timed2(r.sample_chunk, device))
+    for name in runners:
+        out = res[name]
+        t_train = statistics.median(w for w, _ in train_t[name]) / args.train_chunk  # one step
+        out["train_img_s"] = args.batch / t_train
+        out["train_steps_s"] = 1 / t_train
+        out["train_img_cpu_s"] = args.batch * args.train_chunk / statistics.median(c for _, c in train_t[name])
+        out["train_tflop_s"] = out["train_flops"] / t_train / 1e12
+        out["train_times_s"] = train_t[name]
+        if not args.no_sampling:  # timed args.steps steps, extrapolated to 1000
+            per_step_wall = statistics.median(w for w, _ in sample_t[name]) / args.steps
+            per_step_cpu = statistics.median(c for _, c in sample_t[name]) / args.steps
+            out["sample_img_s"] = args.sample_batch / (per_step_wall * 1000)
+            out["sample_img_cpu_s"] = args.sample_batch / (per_step_cpu * 1000)
+            out["sample_times_s"] = sample_t[name]
+    if "diffusers" in runners:
+        # Speed ratio ours/diffusers (> 1: ours faster): the median over repeats of
+        # the ratio of the two adjacent measurements, wall-clock and CPU time.
+        for name in runners:
+            for kind, times in (("train", train_t), ("sample", sample_t)):
+                for j, clock in ((0, ""), (1, "_cpu")):
+                    if times[name]:
+                        res[name][f"{kind}_img{clock}_s_vs_diffusers"] = statistics.median(
+                            d[j] / o[j] for o, d in zip(times[name], times["diffusers"]))
+    for name in runners:  # as it goes: a run cut short by a time limit still says something
+        r = res[name]
+        print(f"  {name:9s} {variant.name:16s} train {r['train_img_s']:.4g} img/s"
+              + (f", sample {r['sample_img_s']:.4g} img/s (1000 steps)" if "sample_img_s" in r else "")
+              + f"; first call {r['first_call_s']:.1f} s", flush=True)
+    return [res[name] for name in runners]
 
 
 def _fmt(v, spec):
