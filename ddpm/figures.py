@@ -2,7 +2,8 @@
 
 - samples grid (Figs. 1, 3, 4): uint8 samples tiled row-major.
 - Fig. 5: rate-distortion on the test set: distortion vs rate, rate vs reverse step,
-  distortion vs reverse step (three panels), from ddpm.evaluate.rate_distortion.
+  distortion vs reverse step (three panels), from ddpm.bound.rate_distortion; optionally
+  with the paper's Table 4 beside it (analysis.report draws it so, from results/).
 - Fig. 6: progressive generation: each row one sample, columns the predicted x_0 at
   evenly spaced reverse steps (left: start of the chain at x_T, right: the sample).
 - Fig. 7: samples sharing x_t: one reverse chain is stopped at several t; for each t a
@@ -120,24 +121,41 @@ def interpolation(diffusion: GaussianDiffusion, model: Model, pairs, path, t: Op
     return grid
 
 
-def rd_plots(rd: Dict[str, np.ndarray], path, title: str = "") -> Path:
-    """Fig. 5: distortion vs rate, rate vs reverse step, distortion vs reverse step."""
+def rd_plots(rd: Dict[str, np.ndarray], path, title: str = "",
+             paper: Optional[Dict[int, Sequence[float]]] = None, label: str = "ours") -> Path:
+    """Fig. 5: distortion vs rate, rate vs reverse step, distortion vs reverse step.
+
+    ``rd``: reverse_step, rate_bpd, distortion_rmse (every step from rate_distortion, or only
+    Table 4's rows). ``paper``: {reverse step at T = 1000: (rate, distortion)} (Table 4), drawn
+    beside ours with its steps scaled to our T (the largest reverse step in ``rd``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     s, rate, dist = rd["reverse_step"], rd["rate_bpd"], rd["distortion_rmse"]
+    style = "o-" if len(s) <= 20 else "-"  # Table 4's rows alone: show the points
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    axes[0].plot(rate, dist)
+    axes[0].plot(rate, dist, style, label=label)
     axes[0].set_xlabel("Rate (bits/dim)")
     axes[0].set_ylabel("Distortion (RMSE)")
-    axes[1].plot(s, rate)
+    axes[1].plot(s, rate, style, label=label)
     axes[1].set_xlabel("Reverse process steps (T - t + 1)")
     axes[1].set_ylabel("Rate (bits/dim)")
-    axes[2].plot(s, dist)
+    axes[2].plot(s, dist, style, label=label)
     axes[2].set_xlabel("Reverse process steps (T - t + 1)")
     axes[2].set_ylabel("Distortion (RMSE [0, 255])")
+    if paper:
+        steps = sorted(paper)
+        T = max(int(v) for v in s)
+        scaled = [k * T / 1000 for k in steps]
+        p_rate, p_dist = [paper[k][0] for k in steps], [paper[k][1] for k in steps]
+        name = "paper" if T == 1000 else f"paper (steps x {T}/1000)"
+        axes[0].plot(p_rate, p_dist, "s--", label="paper")
+        axes[1].plot(scaled, p_rate, "s--", label=name)
+        axes[2].plot(scaled, p_dist, "s--", label=name)
+        for ax in axes:
+            ax.legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
     if title:
