@@ -9,7 +9,8 @@ Verdicts at the paper profile, one per check:
   FAIL     the value is outside it, or is not a finite number, or the run's training diverged
            (every checked run is one the paper trained to a number, so divergence contradicts it);
   no value the run was not run (or has not finished, or crashed), or the metric is missing or
-           unavailable (e.g. IS offline): reported with the reason, not judged.
+           unavailable (e.g. IS offline), or its samples were not drawn with the paper's
+           sampler (ancestral, all T steps): reported with the reason, not judged.
 Exit status: 1 if any check FAILs, 0 otherwise (also when there is nothing to judge yet;
 that is printed).
 """
@@ -66,6 +67,9 @@ def _lookup(run, key, field) -> Tuple[Optional[float], Optional[str]]:
     m = run.metric(key)
     if m is None:
         return None, "not evaluated"
+    sampler = (m.get("sampler_spec") or {}).get("sampler", "ancestral")
+    if sampler != "ancestral":  # the paper's numbers are of 1000-step ancestral samples only
+        return None, f"sampled with {sampler} on {m['sampler_spec'].get('steps')} steps, not the paper's sampler"
     if m.get(field) is None:
         return None, str(m.get("unavailable", "no value recorded")).split(":")[0]
     return float(m[field]), None

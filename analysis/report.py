@@ -5,9 +5,10 @@
 
 Writes, per profile, results/<profile>/tables.md, results/<profile>/tables.tex and
 results/<profile>/figures/*.png. Nothing here is typed by hand: every number comes from
-a metrics.json or train.json, and every table says at what scale its numbers were
-obtained. Numbers from the quick and smoke profiles are scaled-down runs; they are
-shown next to the paper's for orientation, never as a reproduction of them.
+a metrics.json or train.json (Fig. 5's curve: rate_distortion.npz), and every table says
+at what scale its numbers were obtained. Numbers from the quick and smoke profiles are
+scaled-down runs; they are shown next to the paper's for orientation, never as a
+reproduction of them.
 """
 
 from __future__ import annotations
@@ -112,15 +113,16 @@ def table2(runs: Dict[str, RunResult]) -> Table:
 
 
 def table4(runs: Dict[str, RunResult]) -> Table:
+    """The Table 4 rows the evaluation computed (metrics.json rd.table4, written in the paper's
+    row order: s = T, 0.9T, ..., 0.1T), each beside the paper's row."""
     r = runs.get("eps_simple")
     rd = r.metric("rd") if r else None
+    ours = (rd or {}).get("table4", [])
+    T = ours[0]["reverse_step"] if ours else 1000  # row 0 is the whole chain, s = T
     rows = []
-    ours = {row["reverse_step"]: row for row in (rd or {}).get("table4", [])}
-    T = max(ours) if ours else 1000
     for k, (step, (rate, dist)) in enumerate(P.TABLE4.items()):
-        ours_step = round(T * (10 - k) / 10)
-        o = ours.get(ours_step)
-        rows.append([f"{step}" + (f" ({ours_step} of T={T})" if T != 1000 else ""),
+        o = ours[k] if k < len(ours) else None
+        rows.append([f"{step}" + (f" ({o['reverse_step']} of T={T})" if o and T != 1000 else ""),
                      _f(o["rate_bpd"], 5) if o else "not run", _f(o["distortion_rmse"], 5) if o else "not run",
                      f"{rate:.5f}", f"{dist:.5f}"])
     notes = _scale_notes([r])
@@ -162,8 +164,79 @@ def tables(runs: Dict[str, RunResult]) -> List[Table]:
         ("eps_vlb", "beta", "L, linear"), ("eps_vlb_cosine", "beta", "L, cosine")], {"beta": beta}))
     out.append(ablation_table(runs, "MNIST (the seed report's setting)", [
         ("mnist_seed", "beta", "L_simple, MNIST")], {"beta": beta}))
+    steps = sampler_steps_table(runs)
+    if steps:
+        out.append(steps)
     out.append(runs_table(runs))
     return out
+
+
+def _sampler_points(r: RunResult) -> Dict[str, Dict[int, Dict[str, dict]]]:
+    """{sampler: {K: {"fid": ..., "kid": ...}}} of a run's evaluations, the ancestral sampler's
+    K being T (ddpm.sampling.Sampler records its kind and K with every sample-based number)."""
+    out: Dict[str, Dict[int, Dict[str, dict]]] = {}
+    for m in r.evals.values():
+        res = m.get("results", {})
+        fid = res.get("fid")
+        if not fid or m.get("run", {}).get("variance") != (r.train.get("config") or {}).get("diffusion", {}).get("var_type"):
+            continue  # another variance (the beta-tilde ablation) is not a point of this curve
+        spec = fid.get("sampler_spec") or {"sampler": "ancestral", "steps": m.get("run", {}).get("steps")}
+        if spec.get("steps") is not None:
+            out.setdefault(spec["sampler"], {})[int(spec["steps"])] = {"fid": fid, "kid": res.get("kid")}
+    return out
+
+
+def sampler_steps_table(runs: Dict[str, RunResult]) -> Optional[Table]:
+    """FID/KID against the number of sampling steps K (beyond the paper), beside the DDIM
+    paper's Table 1 trend; only when fewer-step evaluations exist."""
+    r = runs.get("eps_simple")
+    points = _sampler_points(r) if r else {}
+    if not (set(points) - {"ancestral"}):
+        return None
+    rows = []
+    for kind, paper in (("respaced", "eta 1"), ("ancestral", "eta 1"), ("ddim", "ddim (eta 0)")):
+        ref = dict(zip(P.DDIM_TABLE1_STEPS, P.DDIM_TABLE1[paper]))
+        for k, pt in sorted(points.get(kind, {}).items()):
+            rows.append(["ancestral (all T steps)" if kind == "ancestral" else kind, str(k), _f(pt["fid"]["value"]),
+                         _pm(pt["kid"], 3) if pt["kid"] else "n/a", _f(ref[k]) if k in ref else "-"])
+    return {"title": "Sampler steps (beyond the paper): FID / KID against the number of steps K",
+            "header": ["sampler", "K", "FID", "KID", "DDIM paper Table 1 FID (CIFAR10, 50k; eta 0 / eta 1)"],
+            "rows": rows,
+            "notes": _scale_notes([r]) + [
+                "respaced: DDPM on K of the T steps with the run's own variance; ddim: eta = 0; the paper's "
+                "column is the DDIM paper's CIFAR10 trend at full scale (its eta = 1 row beside respaced), for "
+                "the shape of the curve only"]}
+
+
+def sampler_steps_figure(runs: Dict[str, RunResult], path: Path) -> Optional[Path]:
+    """FID against K, ours beside the DDIM paper's Table 1 (log-log)."""
+    r = runs.get("eps_simple")
+    points = _sampler_points(r) if r else {}
+    if not (set(points) - {"ancestral"}):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    full = points.get("ancestral", {})
+    for kind, marker in (("respaced", "o"), ("ddim", "s")):
+        curve = {**points.get(kind, {}), **({} if kind == "ddim" else full)}
+        if curve:
+            ks = sorted(curve)
+            ax.plot(ks, [curve[k]["fid"]["value"] for k in ks], marker=marker, label=kind)
+    ax.set(xscale="log", xlabel="sampling steps K", ylabel="FID", title=f"ours ({r.profile} profile)")
+    for label, fids in P.DDIM_TABLE1.items():
+        ax_p.plot(P.DDIM_TABLE1_STEPS, fids, marker="o", label=label)
+    ax_p.set(xscale="log", yscale="log", xlabel="sampling steps S", ylabel="FID",
+             title="DDIM paper, Table 1 (CIFAR10, 50k samples)")
+    for a in (ax, ax_p):
+        a.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def runs_table(runs: Dict[str, RunResult]) -> Table:
@@ -267,34 +340,26 @@ def to_latex(t: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rd_figure(runs: Dict[str, RunResult], path: Path) -> Optional[Path]:
-    """Fig. 5 with the paper's Table 4 points overlaid."""
+def rd_figure(runs: Dict[str, RunResult], base: Path, path: Path) -> Optional[Path]:
+    """Fig. 5 as the evaluation draws it (ddpm.figures.rd_plots), the paper's Table 4 beside it:
+    every step from the evaluation's rate_distortion.npz, else Table 4's rows from its metrics.json."""
     r = runs.get("eps_simple")
     rd = r.metric("rd") if r else None
     if not rd:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import numpy as np
 
-    rows = rd["table4"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    paper_steps = sorted(P.TABLE4)
-    ax = axes[0]
-    ax.plot([x["rate_bpd"] for x in rows], [x["distortion_rmse"] for x in rows], "o-", label=f"ours ({r.profile})")
-    ax.plot([P.TABLE4[s][0] for s in paper_steps], [P.TABLE4[s][1] for s in paper_steps], "s--", label="paper")
-    ax.set_xlabel("rate (bits/dim)"), ax.set_ylabel("distortion (RMSE, [0,255])"), ax.legend()
-    T = max(x["reverse_step"] for x in rows)
-    for ax, key, k in ((axes[1], "rate_bpd", 0), (axes[2], "distortion_rmse", 1)):
-        ax.plot([x["reverse_step"] / T * 1000 for x in rows], [x[key] for x in rows], "o-", label="ours")
-        ax.plot(paper_steps, [P.TABLE4[s][k] for s in paper_steps], "s--", label="paper")
-        ax.set_xlabel("reverse step (scaled to T=1000)"), ax.set_ylabel(key.replace("_", " "))
-    fig.suptitle(f"Rate-distortion, {r.scale()}", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from ddpm.figures import rd_plots
+
+    keys = ("reverse_step", "rate_bpd", "distortion_rmse")
+    folder = next(n for n, m in r.evals.items() if (m.get("results") or {}).get("rd") is rd)
+    npz = base / r.name / folder / "rate_distortion.npz"
+    if npz.is_file():
+        with np.load(npz) as f:
+            curve = {k: f[k] for k in keys}
+    else:
+        curve = {k: np.array([row[k] for row in rd["table4"]]) for k in keys}
+    return rd_plots(curve, path, title=f"Rate-distortion, {r.scale()}", paper=P.TABLE4, label=f"ours ({r.profile})")
 
 
 def write_report(results_dir, profile: str) -> List[Path]:
@@ -314,7 +379,10 @@ def write_report(results_dir, profile: str) -> List[Path]:
     tex = base / "tables.tex"
     tex.write_text("\n".join(to_latex(t) for t in ts))
     written = [md, tex]
-    fig = rd_figure(runs, base / "figures" / "rate_distortion_vs_paper.png")
+    fig = rd_figure(runs, base, base / "figures" / "rate_distortion_vs_paper.png")
+    if fig:
+        written.append(fig)
+    fig = sampler_steps_figure(runs, base / "figures" / "fid_vs_sampler_steps.png")
     if fig:
         written.append(fig)
     fig = samples_figure(runs, base, base / "figures" / "samples_by_run.png")

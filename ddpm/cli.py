@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 # Modules that add a subcommand; each defines add_subcommand(subparsers).
-SUBCOMMAND_MODULES = ["ddpm.train", "ddpm.cli_sample", "ddpm.fidelity", "ddpm.evaluate", "ddpm.export",
+SUBCOMMAND_MODULES = ["ddpm.train", "ddpm.cli_sample", "ddpm.fidelity", "ddpm.cli_eval", "ddpm.export",
                       "ddpm.checkpoint"]
 
 

@@ -2,6 +2,7 @@
 
     python -m ddpm sample --checkpoint RUN/final.pt --n 64 --out DIR [--var beta|beta_tilde]
                           [--ema/--no-ema] [--seed S] [--batch-size B] [--device D]
+                          [--sampler ancestral|respaced|ddim --steps K --eta E --skip uniform|quadratic]
 
 writes DIR/images/000000.png ... (exactly N files), DIR/grid.png (the first 64) and
 DIR/sample.json (checkpoint, step, EMA, variance, seed, sampler). ``python -m ddpm fid
@@ -26,9 +27,10 @@ def add_subcommand(subparsers) -> None:
 
     p = subparsers.add_parser(
         "sample", help="draw samples from a checkpoint into PNGs and a grid",
-        description="Draw N samples with ancestral sampling (DDPM Algorithm 2) into OUT/images/*.png, "
+        description="Draw N samples (default: ancestral sampling, DDPM Algorithm 2; or respaced DDPM / DDIM "
+                    "on fewer steps) into OUT/images/*.png, "
                     "OUT/grid.png (the first 64) and OUT/sample.json (how they were drawn). The images "
-                    "depend only on the checkpoint, --seed, --batch-size, --var and --ema. OUT/images "
+                    "depend only on the checkpoint, --seed, --batch-size, --var, --ema and the sampler. OUT/images "
                     "must be empty or absent: nothing is overwritten.")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file (RUN/final.pt, RUN/last.pt), a run directory (its final.pt), "
@@ -45,9 +47,36 @@ def add_subcommand(subparsers) -> None:
                    help="batch k draws its noise from a generator seeded by (seed, k) (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per sampling batch (default 64); part of what fixes the images")
+    add_sampler_args(p)
     add_device_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=_cmd_sample)
+
+
+def add_sampler_args(p) -> None:
+    """--sampler/--steps/--eta/--skip, shared by sample and eval."""
+    from .sampling import SKIP_TYPES, SamplerKind
+
+    p.add_argument("--sampler", choices=[k.value for k in SamplerKind], default=SamplerKind.ANCESTRAL.value,
+                   help="ancestral: DDPM Algorithm 2 over all T steps (default; the paper's, used for every "
+                        "paper number); respaced: DDPM on --steps of the T steps; ddim: DDIM on --steps "
+                        "steps with --eta")
+    p.add_argument("--steps", type=int, default=None, help="respaced/ddim: how many of the T steps")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="ddim: 0 deterministic (default), 1 DDPM's beta-tilde variance on the steps")
+    p.add_argument("--skip", choices=SKIP_TYPES, default="uniform",
+                   help="respaced/ddim: how the steps are chosen (the DDIM paper's uniform or quadratic)")
+
+
+def sampler_from_args(args):
+    """The Sampler the flags ask for; UsageError (exit 2, one line) for a meaningless mix."""
+    from .cli import UsageError
+    from .sampling import Sampler
+
+    try:
+        return Sampler(args.sampler, args.steps, args.eta, args.skip)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _cmd_sample(args) -> int:
@@ -55,7 +84,8 @@ def _cmd_sample(args) -> int:
 
     from .checkpoint import load_model
     from .cli import UsageError, resolve_checkpoint
-    from .generate import SAMPLER, PIXEL_MAP, generate, write_pngs
+    from .generate import PIXEL_MAP, generate, write_pngs
+    from .provenance import portable_path
     from .train import pick_device
 
     if args.n < 1 or args.batch_size < 1:
@@ -66,20 +96,26 @@ def _cmd_sample(args) -> int:
     if (out / "images").exists() and any((out / "images").iterdir()):
         raise UsageError(f"{out / 'images'} already holds images; choose another --out (nothing is "
                          "overwritten)")
+    sampler = sampler_from_args(args)
     dev = pick_device(args.device)
     args.checkpoint = resolve_checkpoint(args.checkpoint)
     cfg, model, diffusion, state = load_model(args.checkpoint, ema=args.ema)
+    try:
+        sampler.tau(diffusion.T)
+    except ValueError as e:
+        raise UsageError(f"--steps {args.steps}: {e}") from None
     model.to(dev)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     with torch.no_grad():
         images = generate(model, diffusion, args.n, shape, batch_size=args.batch_size, seed=args.seed,
-                          device=dev, var_type=args.var, progress=True)
+                          device=dev, var_type=args.var, progress=True, sampler=sampler)
     assert images.shape == (args.n, shape[1], shape[2], shape[0]), images.shape
     write_pngs(images, out / "images", grid_path=out / "grid.png")
     (out / "sample.json").write_text(json.dumps({
-        "checkpoint": str(Path(args.checkpoint).absolute()), "step": int(state["step"]),
+        "checkpoint": portable_path(Path(args.checkpoint).absolute()), "step": int(state["step"]),
         "ema": bool(args.ema), "var_type": args.var or cfg.diffusion.var_type, "n": args.n,
-        "seed": args.seed, "batch_size": args.batch_size, "steps": diffusion.T, "sampler": SAMPLER,
+        "seed": args.seed, "batch_size": args.batch_size, "steps": sampler.to_dict(diffusion.T)["steps"],
+        "sampler": sampler.describe(diffusion.T), "sampler_spec": sampler.to_dict(diffusion.T),
         "pixel_map": PIXEL_MAP, "device": str(dev)}, indent=2) + "\n")
     print(f"wrote {args.n} PNGs to {out / 'images'} and {out / 'grid.png'}")
     return 0

@@ -52,10 +52,10 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     T: int = 1000
-    schedule: str = "linear"  # linear | cosine
-    mean_type: str = "eps"  # eps | mu | x0
-    var_type: str = "beta"  # beta (fixedlarge) | beta_tilde (fixedsmall) | learned
-    loss_type: str = "simple"  # simple | mu_mse | vlb
+    schedule: D.Schedule = D.Schedule.LINEAR  # linear | cosine
+    mean_type: D.MeanType = D.MeanType.EPS  # eps | mu | x0
+    var_type: D.VarType = D.VarType.BETA  # beta (fixedlarge) | beta_tilde (fixedsmall) | learned
+    loss_type: D.LossType = D.LossType.SIMPLE  # simple | mu_mse | vlb
     # The linear schedule's endpoints for T = 1000 (Sec. 4); for another T both scale by 1000/T
     # (diffusion.linear_betas). Not used by the cosine schedule.
     beta_start: float = 1e-4
@@ -98,9 +98,10 @@ class Config:
 
     def _validate(self) -> None:
         d = self.diffusion
-        for name, cls in (("schedule", D.Schedule), ("mean_type", D.MeanType),
-                          ("var_type", D.VarType), ("loss_type", D.LossType)):
-            D._enum(cls, getattr(d, name))
+        for f in dataclasses.fields(d):  # the one coercion rule, also for configs built in code
+            typ = get_type_hints(type(d))[f.name]
+            if isinstance(typ, type) and issubclass(typ, D.Choice):
+                setattr(d, f.name, typ.parse(getattr(d, f.name)))
         D.check_combination(d.mean_type, d.var_type, d.loss_type)
         self._check_values()
         D.make_betas(d.schedule, d.T, d.beta_start, d.beta_end)  # rejects a T the schedule cannot take
@@ -170,7 +171,9 @@ class Config:
              f"diffusion.beta_start/beta_end set the linear schedule; schedule={d.schedule!r} does not use them")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values only (choices as their names): what checkpoints and JSON files hold."""
+        return dataclasses.asdict(self, dict_factory=lambda kv: {k: v.value if isinstance(v, D.Choice) else v
+                                                                 for k, v in kv})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Config":
@@ -252,6 +255,11 @@ def _coerce(value: Any, typ, key: str):
             return float(value)
         except (TypeError, ValueError):
             raise bad() from None
+    if isinstance(typ, type) and issubclass(typ, D.Choice):  # an ablation axis: one of its named values
+        try:
+            return typ.parse(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
     if typ is str:
         if not isinstance(value, str):
             raise bad()

@@ -14,6 +14,7 @@ Conventions (as in the official diffusion_tf/diffusion_utils_2.py):
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
 from typing import Callable, Optional
@@ -24,7 +25,31 @@ import torch
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class MeanType(str, enum.Enum):
+class Choice(str, enum.Enum):
+    """A named ablation choice: compares, prints and serialises as its value ("eps")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:  # messages quote choices as they are typed: 'learned'
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:  # f-strings print the value (as Python 3.12+ does)
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value) -> "Choice":
+        """``value`` as this choice, or ValueError naming the valid ones."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown {cls.__name__} {value!r}; valid: "
+                             f"{', '.join(m.value for m in cls)}") from None
+
+
+class MeanType(Choice):
     """What the network predicts, from which the reverse-process mean is built."""
 
     EPS = "eps"  # the noise epsilon (Eq. 11); the paper's choice
@@ -32,7 +57,7 @@ class MeanType(str, enum.Enum):
     X0 = "x0"  # the clean image x_0 (official code: "xstart")
 
 
-class VarType(str, enum.Enum):
+class VarType(Choice):
     """The reverse-process variance sigma_t^2."""
 
     BETA = "beta"  # sigma^2 = beta_t (official "fixedlarge"); see _fixed_log_variance for t=1
@@ -40,7 +65,7 @@ class VarType(str, enum.Enum):
     LEARNED = "learned"  # the network also outputs a per-pixel log-variance (Table 2)
 
 
-class LossType(str, enum.Enum):
+class LossType(Choice):
     """The training objective."""
 
     SIMPLE = "simple"  # Eq. 14: unweighted MSE on the parameterization's own target
@@ -48,19 +73,13 @@ class LossType(str, enum.Enum):
     VLB = "vlb"  # the true bound term L_{t-1} (Eq. 5) for a uniformly sampled t
 
 
-class Schedule(str, enum.Enum):
+class Schedule(Choice):
     LINEAR = "linear"  # the paper: beta from 1e-4 to 0.02 (config diffusion.beta_start/beta_end)
     COSINE = "cosine"  # Nichol & Dhariwal 2021, Eq. 17
 
 
 def _enum(cls, value):
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(value)
-    except ValueError:
-        valid = ", ".join(m.value for m in cls)
-        raise ValueError(f"unknown {cls.__name__} {value!r}; valid: {valid}") from None
+    return cls.parse(value)
 
 
 def check_combination(mean_type, var_type, loss_type) -> None:
@@ -196,6 +215,18 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+        # The variance p_theta uses: the trained one, unless with_variance() chose another.
+        self.sampling_var = self.var_type
+
+    def with_variance(self, var_type) -> "GaussianDiffusion":
+        """This process, sampled and evaluated with the variance ``var_type`` (a fixed
+        variance can replace any trained one: one checkpoint, either fixed variance)."""
+        v = _enum(VarType, var_type)
+        if v == VarType.LEARNED and self.var_type != VarType.LEARNED:
+            raise ValueError("var_type='learned' needs a model trained with a learned variance")
+        other = copy.copy(self)
+        other.sampling_var = v
+        return other
 
     # -------------------------------------------------------------------- helpers
     @staticmethod
@@ -268,7 +299,7 @@ class GaussianDiffusion:
         predicted x_0 is clipped to [-1, 1] and, for eps and x0 prediction, the mean
         is rebuilt from it through the posterior (Eq. 7), as in the official code.
         """
-        var_type = self.var_type if var_type is None else _enum(VarType, var_type)
+        var_type = self.sampling_var if var_type is None else _enum(VarType, var_type)
         C = xt.shape[1]
         if self.var_type == VarType.LEARNED:
             assert model_output.shape[1] == 2 * C, (model_output.shape, xt.shape)

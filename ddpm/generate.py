@@ -31,11 +31,11 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .diffusion import GaussianDiffusion, Model
-from .sampling import sample
+from .sampling import ANCESTRAL, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT = "ddpm-samples-v1"
-SAMPLER = "ancestral (DDPM Algorithm 2), predicted x0 clipped to [-1, 1], no noise at the last step"
+SAMPLER = ANCESTRAL.describe(0)  # the paper's sampler (see ddpm.sampling.Sampler for the others)
 PIXEL_MAP = "clip to [-1, 1], x -> (x + 1) * 127.5, round to nearest integer, uint8"
 
 
@@ -81,13 +81,14 @@ def _read_shard(path: Path, expected_n: int, image_shape) -> np.ndarray:
 @torch.no_grad()
 def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int],
                  seed: int, index: int, device="cpu", var_type=None, clip_x0: bool = True,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, sampler: Sampler = ANCESTRAL) -> np.ndarray:
     """Shard ``index``: ``n`` samples [n, H, W, C] uint8 from a generator seeded by (seed, index)."""
     C, H, W = image_shape
     g = torch.Generator(device=device)
     g.manual_seed(shard_seed(seed, index))
-    x, _ = sample(diffusion, model, (n, C, H, W), generator=g, device=device, clip_x0=clip_x0,
-                  var_type=var_type, progress=progress)
+    if var_type is not None:
+        diffusion = diffusion.with_variance(var_type)
+    x = sampler(diffusion, model, (n, C, H, W), generator=g, device=device, clip_x0=clip_x0, progress=progress)
     out = to_uint8(x)
     assert out.shape == (n, H, W, C), out.shape
     return out
@@ -95,7 +96,7 @@ def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape
 
 def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *, batch_size: int = 64,
                     seed: int = 0, var_type=None, clip_x0: bool = True,
-                    meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                    meta: Optional[Dict[str, Any]] = None, sampler: Sampler = ANCESTRAL) -> Dict[str, Any]:
     """What ``generate`` with these arguments writes to DIR/manifest.json (JSON values)."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
@@ -106,7 +107,8 @@ def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[
     return json.loads(json.dumps({
         "format": FORMAT, "n": int(n), "shard_size": int(batch_size), "n_shards": math.ceil(n / batch_size),
         "seed": int(seed), "image_shape_hwc": [H, W, C], "var_type": var_name,
-        "clip_x0": bool(clip_x0), "steps": int(diffusion.T), "sampler": SAMPLER,
+        "clip_x0": bool(clip_x0), "steps": sampler.to_dict(diffusion.T)["steps"],
+        "sampler": sampler.describe(diffusion.T), "sampler_spec": sampler.to_dict(diffusion.T),
         "pixel_map": PIXEL_MAP, "meta": meta or {},
     }))
 
@@ -133,7 +135,8 @@ def check_manifest(out_dir, manifest: Dict[str, Any]) -> bool:
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,
              out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
              clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
-             return_images: bool = True, max_shards: Optional[int] = None) -> Optional[np.ndarray]:
+             return_images: bool = True, max_shards: Optional[int] = None,
+             sampler: Sampler = ANCESTRAL) -> Optional[np.ndarray]:
     """Exactly ``n`` samples, [n, H, W, C] uint8 (``image_shape`` is (C, H, W) of the model).
 
     With ``out_dir``, shards of ``batch_size`` images are written there and shards
@@ -141,6 +144,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     batch size, seed, variance, shape, ``meta`` such as the checkpoint), else a clear
     error, so that two different runs never mix in one folder. ``var_type``: None uses
     the model's own variance. ``meta``: JSON-able facts to record (checkpoint, EMA, ...).
+    ``sampler``: ancestral over all T steps (the paper's; default), or respaced / DDIM.
     Returns the images (or None with ``return_images=False``, to save memory).
     ``max_shards`` (with ``out_dir`` and ``return_images=False``): stop once the first
     ``max_shards`` shards exist, for time-boxed jobs; a later call completes the set.
@@ -149,7 +153,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
         raise ValueError("max_shards needs out_dir and return_images=False (the set is incomplete)")
     C, H, W = (int(s) for s in image_shape)
     manifest = sample_manifest(diffusion, n, image_shape, batch_size=batch_size, seed=seed,
-                               var_type=var_type, clip_x0=clip_x0, meta=meta)
+                               var_type=var_type, clip_x0=clip_x0, meta=meta, sampler=sampler)
     n_shards = manifest["n_shards"]
     sizes = [min(batch_size, n - i * batch_size) for i in range(n_shards)]
     assert sum(sizes) == n
@@ -175,7 +179,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
                 images = _read_shard(path, sizes[i], (H, W, C)) if return_images else None
             else:
                 images = sample_shard(model, diffusion, sizes[i], (C, H, W), seed, i, device=device,
-                                      var_type=var_type, clip_x0=clip_x0, progress=progress)
+                                      var_type=var_type, clip_x0=clip_x0, progress=progress, sampler=sampler)
                 if path is not None:
                     atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
             if return_images:

@@ -16,7 +16,7 @@ result records its profile, so a scaled number is never read as the paper's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 PROFILES = ("paper", "quick", "smoke")
@@ -26,7 +26,7 @@ PROFILES = ("paper", "quick", "smoke")
 class Run:
     name: str
     family: str  # cifar10 | mnist | celebahq
-    overrides: Tuple[str, ...] = ()
+    overrides: Dict[str, str] = field(default_factory=dict)  # config key -> value, over the profile's preset
     note: str = ""
 
 
@@ -35,9 +35,14 @@ class Eval:
     """One `python -m ddpm eval` call on a run's final EMA checkpoint."""
 
     name: str
-    metrics: str  # comma list for --metrics: fid,is,kid,nll,rd
+    metrics: Tuple[str, ...]  # of fid, is, kid, nll, rd; () = the figures alone
     var: Optional[str] = None  # beta | beta_tilde; None = the variance the run was trained with
     figures: bool = False  # also draw Figs. 5-8
+    # how the samples are drawn (ddpm.sampling.Sampler): the paper's ancestral sampler over all T
+    # steps, or respaced DDPM / DDIM on `steps` of them (beyond the paper; never judged against it)
+    sampler: str = "ancestral"
+    steps: Optional[int] = None
+    eta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -49,31 +54,37 @@ class Experiment:
     note: str = ""
 
 
-ABL = "diffusion."
 # Table 2: mean parameterization x objective. "MSE" is each parameterization's own
 # unweighted MSE: ||mu-tilde - mu_theta||^2 for mu, ||eps - eps_theta||^2 (L_simple) for eps.
 RUNS: Dict[str, Run] = {r.name: r for r in [
-    Run("eps_simple", "cifar10", (), "the paper's model: eps prediction, L_simple, sigma^2 = beta"),
-    Run("eps_vlb", "cifar10", (ABL + "loss_type=vlb",), "eps prediction, true bound, fixed isotropic Sigma"),
-    Run("eps_vlb_learned", "cifar10", (ABL + "loss_type=vlb", ABL + "var_type=learned"),
+    Run("eps_simple", "cifar10", {}, "the paper's model: eps prediction, L_simple, sigma^2 = beta"),
+    Run("eps_vlb", "cifar10", {"diffusion.loss_type": "vlb"},
+        "eps prediction, true bound, fixed isotropic Sigma"),
+    Run("eps_vlb_learned", "cifar10", {"diffusion.loss_type": "vlb", "diffusion.var_type": "learned"},
         "eps prediction, true bound, learned diagonal Sigma (paper: unstable)"),
-    Run("mu_simple", "cifar10", (ABL + "mean_type=mu",), "mu prediction, ||mu-tilde - mu_theta||^2 (paper: unstable)"),
-    Run("mu_vlb", "cifar10", (ABL + "mean_type=mu", ABL + "loss_type=vlb"), "mu prediction, true bound, fixed Sigma"),
-    Run("mu_vlb_learned", "cifar10", (ABL + "mean_type=mu", ABL + "loss_type=vlb", ABL + "var_type=learned"),
+    Run("mu_simple", "cifar10", {"diffusion.mean_type": "mu"},
+        "mu prediction, ||mu-tilde - mu_theta||^2 (paper: unstable)"),
+    Run("mu_vlb", "cifar10", {"diffusion.mean_type": "mu", "diffusion.loss_type": "vlb"},
+        "mu prediction, true bound, fixed Sigma"),
+    Run("mu_vlb_learned", "cifar10",
+        {"diffusion.mean_type": "mu", "diffusion.loss_type": "vlb", "diffusion.var_type": "learned"},
         "mu prediction, true bound, learned diagonal Sigma"),
-    Run("eps_simple_cosine", "cifar10", (ABL + "schedule=cosine",), "schedule ablation: L_simple, cosine"),
-    Run("eps_vlb_cosine", "cifar10", (ABL + "schedule=cosine", ABL + "loss_type=vlb"),
+    Run("eps_simple_cosine", "cifar10", {"diffusion.schedule": "cosine"}, "schedule ablation: L_simple, cosine"),
+    Run("eps_vlb_cosine", "cifar10", {"diffusion.schedule": "cosine", "diffusion.loss_type": "vlb"},
         "schedule ablation: true bound, cosine"),
-    Run("mnist_seed", "mnist", (), "the seed report's setting: MNIST, 10 epochs"),
-    Run("celebahq", "celebahq", (), "CelebA-HQ 256: samples and interpolation"),
+    Run("mnist_seed", "mnist", {}, "the seed report's setting: MNIST, 10 epochs"),
+    Run("celebahq", "celebahq", {}, "CelebA-HQ 256: samples and interpolation"),
 ]}
 
 # Evaluations are shared by name: a run evaluated for two experiments is evaluated once.
 # One evaluation process per run does samples and bound together (each process pays for
 # loading the networks again).
-MAIN = Eval("main", "fid,is,kid,nll,rd")
-MAIN_BT = Eval("beta_tilde", "fid,is,kid,nll", "beta_tilde")
-FIGURES = Eval("figures", "none", figures=True)  # the figures alone
+MAIN = Eval("main", ("fid", "is", "kid", "nll", "rd"))
+MAIN_BT = Eval("beta_tilde", ("fid", "is", "kid", "nll"), "beta_tilde")
+FIGURES = Eval("figures", (), figures=True)  # the figures alone
+SAMPLER_STEPS = (10, 20, 50, 100)  # the DDIM paper's Table 1 columns below 1000
+FEW_STEPS = tuple(Eval(f"{kind}_{k}", ("fid", "kid"), sampler=kind, steps=k)
+                  for kind in ("respaced", "ddim") for k in SAMPLER_STEPS)
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", ("eps_simple", "eps_vlb"), (MAIN,)),
     Experiment("table2", "Table 2 (parameterization x objective, IS / FID)",
@@ -90,6 +101,9 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("mnist", "The seed report: MNIST samples after 10 epochs", ("mnist_seed",), (MAIN, FIGURES)),
     Experiment("celebahq", "CelebA-HQ 256 samples (Fig. 1) and interpolation (Fig. 8)", ("celebahq",),
                (FIGURES,)),
+    Experiment("sampler_steps", "Beyond the paper: FID/KID against the number of sampling steps K, respaced "
+               "DDPM and DDIM (eta = 0), beside the DDIM paper's Table 1", ("eps_simple",), (MAIN,) + FEW_STEPS,
+               "K = T is the main evaluation's ancestral sampler; a K above the profile's T is not run"),
 ]}
 
 # How each profile sizes a run of each family: (preset, extra overrides).
@@ -145,7 +159,7 @@ def run_config_args(run: Run, profile: str) -> Tuple[str, List[str]]:
     """(preset, --set overrides) for a run at a profile. Profile overrides come first so
     the ablation's own overrides always win."""
     preset, base = PROFILE_BASE[(profile, run.family)]
-    return preset, list(base) + list(run.overrides)
+    return preset, list(base) + [f"{k}={v}" for k, v in run.overrides.items()]
 
 
 def runs_for(experiments) -> List[str]:

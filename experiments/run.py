@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ddpm.checkpoint import atomic_write_text
+from ddpm.config import get_preset
 from ddpm.provenance import portable
+from ddpm.rundir import CONFIG, FINAL, RUN, SAMPLES, STATS
 
 from .registry import DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, PROFILES, RUNS, Eval, run_config_args, runs_for
 
@@ -41,11 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_profile() -> str:
-    try:
-        import torch
-        return "paper" if torch.cuda.is_available() else "quick"
-    except ImportError:
-        return "quick"
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "quick"
 
 
 # Set by run_experiments: the environment of the ddpm processes (their CPU threads).
@@ -174,7 +174,7 @@ def _rel(path: Path) -> str:
 
 def _stats_summary(run_dir: Path) -> dict:
     rows = []
-    stats = run_dir / "stats.jsonl"
+    stats = run_dir / STATS
     if stats.exists():
         rows = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
     return {"last": rows[-1] if rows else None, "n_logged": len(rows)}
@@ -182,7 +182,7 @@ def _stats_summary(run_dir: Path) -> dict:
 
 def _copy_samples(out: Path, dest: Path) -> None:
     """The run's last training sample grid (EMA, fixed noise) -> results/.../samples.png."""
-    grids = sorted((out / "samples").glob("step_*.png"))
+    grids = sorted((out / SAMPLES).glob("step_*.png"))
     if grids:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(grids[-1], dest / "samples.png")
@@ -210,7 +210,7 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
     t0 = time.time()
     rc = _call(cmd, runs_dir / profile / f"{name}.train.log", f"{name} train")
     elapsed = time.time() - t0
-    status = "finished" if rc == 0 and (out / "final.pt").exists() else ("diverged" if rc == 1 else "failed")
+    status = "finished" if rc == 0 and (out / FINAL).exists() else ("diverged" if rc == 1 else "failed")
     record = {
         "run": name, "profile": profile, "family": run.family, "note": run.note,
         "preset": preset, "overrides": overrides,
@@ -219,8 +219,8 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
         # over every call that got a record (a killed call records nothing: its time is lost here)
         "elapsed_s_total": round(elapsed + ((previous or {}).get("elapsed_s_total") or 0.0), 1),
         "omp_num_threads": (_CHILD_ENV or os.environ).get("OMP_NUM_THREADS"),
-        "config": json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else None,
-        "run_info": json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None,
+        "config": json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else None,
+        "run_info": json.loads((out / RUN).read_text()) if (out / RUN).exists() else None,
         "stats": _stats_summary(out),
     }
     _write_json(record_path, record)
@@ -243,14 +243,16 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
         _say(f"skip  {name} eval {ev.name}: done earlier")
         return
     size = EVAL_SIZE[profile]
-    ckpt = runs_dir / profile / name / "final.pt"
-    cmd = [sys.executable, "-m", "ddpm", "eval", "--checkpoint", str(ckpt), "--metrics", ev.metrics,
+    ckpt = runs_dir / profile / name / FINAL
+    cmd = [sys.executable, "-m", "ddpm", "eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
            "--n", str(size["n"]), "--out", str(work), "--seed", "0"]
     for flag, key in (("--nll-n", "nll_n"), ("--reference-n", "ref_n")):
         if size[key] is not None:
             cmd += [flag, str(size[key])]
     if ev.var:
         cmd += ["--var", ev.var]
+    if ev.sampler != "ancestral":
+        cmd += ["--sampler", ev.sampler, "--steps", str(ev.steps)] + (["--eta", str(ev.eta)] if ev.eta else [])
     if not ev.figures:
         cmd.append("--no-figures")
     if data_dir:
@@ -295,13 +297,9 @@ def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) ->
 def default_jobs() -> int:
     """Runs in parallel: one per CPU core on a CPU-only machine (small models use cores
     better as separate single-threaded processes than as threads of one), one on a GPU."""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return 1
-    except ImportError:
-        pass
-    return os.cpu_count() or 1
+    import torch
+
+    return 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
 
 
 def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
@@ -314,6 +312,17 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
             for ev in EXPERIMENTS[e].evals:
                 prev = evals.setdefault(r, {}).setdefault(ev.name, ev)
                 assert prev == ev, f"two different evaluations named {ev.name}"
+    # fewer-step evaluations with more steps than the profile's T do not apply (smoke: T = 40)
+    not_applicable = []
+    for r in runs:
+        T = get_preset(*run_config_args(RUNS[r], profile)).diffusion.T
+        for name, ev in list(evals[r].items()):
+            if ev.steps is not None and ev.steps > T:
+                not_applicable.append(f"{r} {name}")
+                del evals[r][name]
+    if not_applicable:
+        print(f"not applicable at the {profile} profile (more sampling steps than T): "
+              f"{', '.join(not_applicable)}", flush=True)
     # a run whose config at this profile equals an earlier run's is not trained again: it
     # reuses that run's checkpoint and evaluations (e.g. the CelebA-HQ stand-in of small profiles)
     same_as: Dict[str, str] = {}

@@ -39,8 +39,7 @@ def test_every_run_builds_a_valid_config_at_every_profile():
         for run in RUNS.values():
             preset, overrides = run_config_args(run, profile)
             cfg = get_preset(preset, overrides)
-            for o in run.overrides:  # the ablation's own choice survives the profile's sizing
-                key, value = o.split("=")
+            for key, value in run.overrides.items():  # the ablation's own choice survives the profile's sizing
                 section, field = key.split(".")
                 assert str(getattr(getattr(cfg, section), field)) == value
 
@@ -173,3 +172,32 @@ def test_check_reports_missing_and_unavailable_values_without_judging_them(tmp_p
     assert "no value" in lines["eps_vlb.fid"] and "training failed" in lines["eps_vlb.fid"]
     assert "no value" in lines["mu_vlb.fid"] and "not run" in lines["mu_vlb.fid"]
     assert "nothing to judge" not in out
+
+
+def test_check_never_judges_samples_of_a_fewer_step_sampler_against_the_paper(tmp_path, capsys):
+    evals = paper_like(fid=3.17)
+    evals["main"]["fid"]["sampler_spec"] = {"sampler": "ddim", "steps": 50, "of_T": 1000, "eta": 0.0,
+                                            "skip": "uniform"}
+    write_run(tmp_path, "paper", "eps_simple", evals=evals)
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert "no value" in lines["eps_simple.fid"] and "ddim on 50 steps, not the paper's sampler" in lines["eps_simple.fid"]
+    assert lines["eps_simple.nll_test"].split()[0] == "ok"  # the bound does not depend on the sampler
+
+
+def test_sampler_steps_table_and_figure_sit_beside_the_ddim_papers_trend(tmp_path):
+    evals = paper_like(fid=3.3)
+    evals["main"]["fid"]["sampler_spec"] = {"sampler": "ancestral", "steps": 1000}
+    for kind, k, fid in (("ddim", 10, 14.0), ("ddim", 100, 4.5), ("respaced", 10, 40.0)):
+        evals[f"{kind}_{k}"] = {"fid": {"value": fid, "sampler_spec": {"sampler": kind, "steps": k}},
+                                "kid": {"value": 0.01, "std": 0.001}}
+    write_run(tmp_path, "quick", "eps_simple", evals=evals)
+    runs = load_profile(tmp_path, "quick")
+    t = report.sampler_steps_table(runs)
+    rows = {(r[0], r[1]): r for r in t["rows"]}
+    assert rows[("ddim", "10")][2:] == ["14.00", "0.010 +- 0.001", "13.36"]  # DDIM Table 1, eta 0, S = 10
+    assert rows[("respaced", "10")][4] == "41.07" and rows[("ancestral (all T steps)", "1000")][2] == "3.30"
+    assert [r[0] for r in t["rows"]] == ["respaced", "ancestral (all T steps)", "ddim", "ddim"]
+    assert report.sampler_steps_figure(runs, tmp_path / "f.png").stat().st_size > 0
+    # without fewer-step evaluations there is no such table
+    write_run(tmp_path, "paper", "eps_simple", evals=paper_like())
+    assert report.sampler_steps_table(load_profile(tmp_path, "paper")) is None

@@ -171,3 +171,28 @@ def test_sample_from_a_truncated_checkpoint_names_the_file(capsys, tmp_path, tin
     bad.write_bytes(tiny_checkpoint.read_bytes()[:1000])
     rc, _, err = run(capsys, "sample", "--checkpoint", str(bad), "--n", "1", "--out", str(tmp_path / "s"))
     assert rc == 2 and str(bad) in err and "corrupt or truncated" in err
+
+
+def test_sample_with_fewer_steps_records_the_sampler_and_refuses_meaningless_flags(capsys, tmp_path,
+                                                                                   tiny_checkpoint):
+    common = ["sample", "--checkpoint", str(tiny_checkpoint), "--n", "2", "--batch-size", "2", "--seed", "3",
+              "--device", "cpu"]
+    rc, _, err = run(capsys, *common, "--out", str(tmp_path / "d"), "--sampler", "ddim", "--steps", "5")
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "d" / "sample.json").read_text())
+    assert rec["sampler_spec"] == {"sampler": "ddim", "steps": 5, "of_T": 30, "eta": 0.0, "skip": "uniform"}
+    assert rec["steps"] == 5 and rec["sampler"].startswith("DDIM (Song et al. 2021, Eq. 12) on 5 of 30 steps")
+    rc, _, _ = run(capsys, *common, "--out", str(tmp_path / "r"), "--sampler", "respaced", "--steps", "30")
+    rc2, _, _ = run(capsys, *common, "--out", str(tmp_path / "a"))  # ancestral, the default
+    assert rc == rc2 == 0
+    img = lambda d: np.asarray(Image.open(tmp_path / d / "images" / "000001.png"))  # noqa: E731
+    assert np.array_equal(img("r"), img("a"))  # respaced on all T steps is Algorithm 2
+    assert not np.array_equal(img("d"), img("a"))
+    assert json.loads((tmp_path / "a" / "sample.json").read_text())["sampler_spec"]["sampler"] == "ancestral"
+    for flags, msg in ((["--steps", "5"], "ancestral sampler runs all T steps"),
+                       (["--sampler", "respaced", "--steps", "5", "--eta", "1"], "--eta belongs to --sampler ddim"),
+                       (["--sampler", "ddim", "--steps", "31"], "--steps 31"),
+                       (["--sampler", "ddim", "--steps", "5", "--eta", "-1"], "--eta -1")):
+        rc, _, err = run(capsys, *common, "--out", str(tmp_path / "x"), *flags)
+        assert rc == 2 and msg in err and err.count("\n") == 1, (flags, err)
+    assert not (tmp_path / "x").exists()

@@ -96,3 +96,18 @@ def test_config_errors_are_value_errors_printed_without_quotes():
     assert str(e.value).startswith("unknown config key 'train.nope'")
     with pytest.raises(ConfigError, match="not a ddpm config"):
         Config.from_dict({"_class_name": "UNet2DModel"})
+
+
+def test_ablation_choices_are_enums_in_the_config_and_plain_names_outside():
+    from ddpm import diffusion as D
+
+    cfg = get_preset("cifar10", ["diffusion.mean_type=mu", "diffusion.loss_type=vlb"])
+    assert cfg.diffusion.mean_type is D.MeanType.MU and cfg.diffusion.var_type is D.VarType.BETA
+    assert f"{cfg.diffusion.mean_type}" == str(cfg.diffusion.mean_type) == "mu"
+    plain = cfg.to_dict()["diffusion"]
+    assert type(plain["mean_type"]) is str and plain["loss_type"] == "vlb"  # safe to pickle, JSON
+    # a config built in code with names is coerced by the same rule
+    from ddpm.config import Config, DiffusionConfig
+
+    built = Config(diffusion=DiffusionConfig(var_type="beta_tilde")).validate()
+    assert built.diffusion.var_type is D.VarType.BETA_TILDE

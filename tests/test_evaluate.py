@@ -180,6 +180,28 @@ def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, shared_data, t
     assert list((tmp_path / "cache" / "fidelity").glob("mnist-test-n5-seed2020-offline-*.pt"))
 
 
+def test_eval_with_a_fewer_step_sampler_records_it_and_never_mixes_its_samples(tiny_checkpoint, shared_data,
+                                                                               tmp_path, monkeypatch):
+    from ddpm import fidelity as F
+
+    w = F.build_inception_weights(tmp_path / "inception.pth")
+    monkeypatch.setenv(F.ENV_CACHE, str(tmp_path / "cache"))
+    kw = dict(n=4, out_dir=tmp_path / "ev", data_dir=shared_data, reference="mnist:test", reference_n=4,
+              batch_size=4, inception_weights=w, figures=False, progress=False, device="cpu")
+    rep = E.evaluate(tiny_checkpoint, ["kid"], sampler="ddim", steps=5, eta=0.5, **kw)
+    kid = rep["results"]["kid"]
+    assert kid["sampler_spec"] == {"sampler": "ddim", "steps": 5, "of_T": 21, "eta": 0.5, "skip": "uniform"}
+    assert kid["sampler"].startswith("DDIM") and rep["results"]["sampling"]["sampler_spec"] == kid["sampler_spec"]
+    assert rep["run"]["spec"]["sampler"] == "ddim" and rep["run"]["spec"]["steps"] == 5
+    # the same folder asked for ancestral samples: refused before sampling, never mixed
+    with pytest.raises(Exception, match="holds samples of a different run"):
+        E.evaluate(tiny_checkpoint, ["kid"], **kw)
+    with pytest.raises(E.EvalError, match="--steps 22"):
+        E.evaluate(tiny_checkpoint, ["kid"], sampler="ddim", steps=22, **{**kw, "out_dir": tmp_path / "x"})
+    with pytest.raises(E.EvalError, match="belong to --sampler respaced or ddim"):
+        E.evaluate(tiny_checkpoint, ["kid"], steps=5, **{**kw, "out_dir": tmp_path / "y"})
+
+
 def test_eval_on_a_folder_dataset_decodes_images_like_the_trainer(tmp_path):
     """A folder dataset of 40x30 RGB images evaluated by a 1-channel 28x28 model: the NLL
     images are decoded as data.FolderImages does (resize, center crop, grayscale)."""

@@ -17,6 +17,12 @@ from conftest import REPO, require_shared_data
 from experiments.registry import EXPERIMENTS, runs_for
 
 
+def smoke_evals():
+    """(run, evaluation) pairs at the smoke profile (T = 40: no fewer-step sampler above 40 steps)."""
+    return {(r, ev.name) for e in EXPERIMENTS.values() for r in e.runs for ev in e.evals
+            if ev.steps is None or ev.steps <= 40}
+
+
 def fresh_copy(dest):
     """The repository's files as a clone has them (tracked, and untracked but not ignored)."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
@@ -56,11 +62,16 @@ def test_every_run_trained_and_every_evaluation_wrote_metrics(smoke):
     for exp in EXPERIMENTS.values():
         for run in exp.runs:
             for ev in exp.evals:
+                if (run, ev.name) not in smoke_evals():
+                    assert not (results / run / ev.name).exists()
+                    continue
                 m = json.loads((results / run / ev.name / "metrics.json").read_text())
                 assert m["run"]["git_commit"] and m["run"]["seed"] == 0
                 for key in ("fid", "kid"):
-                    if key in ev.metrics.split(","):
+                    if key in ev.metrics:
                         assert m["results"][key]["value"] is not None and m["results"][key]["n"] == 8
+                        assert m["results"][key]["sampler_spec"]["sampler"] == ev.sampler
+                        assert m["results"][key]["sampler_spec"]["steps"] == (ev.steps or 40)
                 if "nll" in ev.metrics:
                     assert m["results"]["nll_test"]["value"] > 0
 
@@ -78,7 +89,7 @@ def test_results_hold_no_samples_or_checkpoints(smoke):
 def test_tables_are_regenerated_with_the_papers_numbers(smoke):
     results, _, _ = smoke
     md = (results / "tables.md").read_text()
-    for title in ("Table 1", "Table 2", "Table 4", "Variance", "Schedule", "MNIST"):
+    for title in ("Table 1", "Table 2", "Table 4", "Variance", "Schedule", "MNIST", "Sampler steps"):
         assert title in md
     assert "Scaled-down runs (smoke profile)" in md and "1.77581" in md
     assert "smoke profile: 4 steps" in md  # each table says at what scale its numbers are
@@ -116,10 +127,12 @@ def test_the_screen_shows_a_plan_one_line_per_stage_and_a_summary_with_logs_kept
     results, first, _ = smoke
     lines = first.splitlines()
     assert lines[0].startswith("profile: smoke; data searched in: ./data, ../shared/data")
-    assert any(line.startswith("plan (smoke profile): 10 runs (9 to train), 14 evaluations") for line in lines)
+    assert any(line.startswith(f"plan (smoke profile): 10 runs (9 to train), {len(smoke_evals())} evaluations")
+               for line in lines)
+    assert "not applicable at the smoke profile (more sampling steps than T): eps_simple respaced_50" in first
     assert any(line.startswith("estimated time: about") for line in lines)
     assert "\r" not in first and "%|" not in first  # no child progress bars interleaved on the screen
-    n_stages = len(runs_for(EXPERIMENTS)) - 1 + 13  # trainings + evaluations actually run
+    n_stages = len(runs_for(EXPERIMENTS)) - 1 + len(smoke_evals()) - 1  # trainings + evaluations run (one reused)
     assert sum(" done  " in line for line in lines) == n_stages
     assert any(line.startswith("summary (smoke profile") for line in lines)
     logs = results.parents[1] / "runs" / "smoke"
@@ -155,5 +168,5 @@ def test_second_call_resumes_by_skipping_finished_work(smoke):
     reuse_at = next(i for i, line in enumerate(lines) if "reuse celebahq" in line)
     assert all(i > reuse_at for i, line in enumerate(lines) if "] skip " in line)
     n_evals = sum(1 for line in second.splitlines() if "] skip " in line and ": done earlier" in line)
-    assert n_evals == len({(r, ev.name) for e in EXPERIMENTS.values() for r in e.runs for ev in e.evals})
+    assert n_evals == len(smoke_evals())
     assert "] start " not in second
