@@ -173,7 +173,11 @@ class UNet(nn.Module):
                 else:
                     h = layer(h)
         assert not hs
-        return self.conv_out(F.silu(self.norm_out(h)))
+        # The output head runs in float32 even under autocast: a learned log-variance must fall
+        # between log beta-tilde_t and log beta_t, and for most t that interval is narrower than
+        # two steps of bf16 (8 bits of mantissa), so a bf16 head could not represent it.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.conv_out(F.silu(self.norm_out(h.float())))
 
 
 def num_params(model: nn.Module) -> int:

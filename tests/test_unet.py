@@ -56,3 +56,37 @@ def test_rejects_wrong_resolution():
     model = build_model(get_preset("tiny"))
     with pytest.raises(AssertionError):
         model(torch.randn(1, 1, 32, 32), torch.tensor([0]))
+
+
+def test_a_learned_log_variance_survives_the_forward_pass_under_bf16_autocast():
+    """For 973 of the 1000 steps [log beta-tilde_t, log beta_t] is narrower than two bf16 steps:
+    the output head must stay in float32 under autocast, or the learned variance is rounded
+    outside its interval."""
+    import numpy as np
+
+    from ddpm.diffusion import GaussianDiffusion, linear_betas
+
+    d = GaussianDiffusion(linear_betas(1000))
+    lo, hi = d.posterior_log_variance_clipped, np.log(d.betas)
+    torch.manual_seed(0)
+    net = UNet(in_ch=1, out_ch=2, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+               resolution=8).eval()
+    ts = torch.tensor([100, 500, 900])
+    targets = torch.tensor(lo[ts] + 0.37 * (hi[ts] - lo[ts]), dtype=torch.float32)
+    with torch.no_grad():  # the variance channel outputs exactly its bias: a value inside the interval
+        net.conv_out.weight[1].zero_()
+        x = torch.randn(3, 1, 8, 8)
+    outs = []
+    for i, t in enumerate(ts):
+        with torch.no_grad():
+            net.conv_out.bias[1] = targets[i]
+        with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = net(x[i:i + 1], t.view(1))
+        assert out.dtype == torch.float32
+        outs.append(out[0, 1])
+    for i, t in enumerate(ts):
+        assert torch.all(outs[i] == targets[i]), (int(t), outs[i].flatten()[:3], targets[i])
+        assert lo[t] < float(outs[i][0, 0]) < hi[t]
+    # what a bf16 head would have made of it: outside the interval (the test has power)
+    rounded = targets.to(torch.bfloat16).float()
+    assert any(not lo[t] < float(r) < hi[t] for t, r in zip(ts, rounded)), rounded
