@@ -1,4 +1,4 @@
-"""``python -m ddpm``: see ddpm/cli.py."""
+"""``python -m ddpm``: the command line, ddpm/cli/."""
 
 import sys
 

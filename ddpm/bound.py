@@ -35,8 +35,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from .data import to_model_range
 from .diffusion import GaussianDiffusion, Model
-from .generate import shard_seed
+from .runtime import derive_seed
 
 RD_DEFINITION = (
     "reverse step s = T - t + 1; rate(s) = mean_b[L_T + sum_{i=t}^{T-1} L_i] bits/dim (L_i = KL(q(x_i|x_{i+1},x_0)"
@@ -59,9 +60,9 @@ def bound_terms(model: Model, diffusion: GaussianDiffusion, images: torch.Tensor
     N, T = images.shape[0], diffusion.T
     parts = {k: [] for k in TERMS}
     for k, s in enumerate(range(0, N, batch_size)):
-        x0 = images[s:s + batch_size].float().div(127.5).sub(1.0).to(device)  # x / 127.5 - 1
+        x0 = to_model_range(images[s:s + batch_size]).to(device)
         g = torch.Generator(device=device)
-        g.manual_seed(shard_seed(seed, k))
+        g.manual_seed(derive_seed(seed, k))
         out = diffusion.calc_bpd_loop(model, x0, clip_x0=clip_x0, var_type=var_type, max_batch=max_batch,
                                       generator=g)
         for key in parts:

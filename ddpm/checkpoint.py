@@ -18,23 +18,22 @@ with ``weights_only=True`` plus numpy's array types allowed (what a v1 file hold
 besides plain data; still no code runs) and written in the current format. Loading a
 v1 file anywhere else names that command. A v1 file without numpy state (hand-made)
 is plain data and reads as is.
+
+Writing is atomic (ddpm.provenance.atomic_write_bytes). Opening a model from a checkpoint,
+a diffusers folder or an exported file is ddpm.loading.load_model.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import pickle
 import re
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from .config import Config, build_diffusion, build_model
+from .provenance import atomic_write_bytes
 
 FORMAT = "ddpm-checkpoint-v2"
 LEGACY_FORMAT = "ddpm-checkpoint-v1"
@@ -51,49 +50,6 @@ class UnsafeCheckpointError(CheckpointError):
 
 class LegacyCheckpointError(CheckpointError):
     """A checkpoint in the format of an earlier version (v1); convert_checkpoint converts it."""
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``:
-    a crash leaves the old file or the new one, never half of one. The file gets the usual
-    mode (0666 less the umask, as open() would give), not mkstemp's private 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``atomic_write_bytes`` for text (UTF-8): configs, run records, metrics."""
-    atomic_write_bytes(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def git_commit() -> str:
-    """The commit of this checkout, for provenance records; "+dirty(ddpm/)" when the library
-    has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."],
-                               cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
-        return sha + ("+dirty(ddpm/)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (not a git checkout)"
 
 
 # ------------------------------------------------------------------ plain data only
@@ -287,67 +243,6 @@ def convert_checkpoint(old, new) -> Dict[str, Any]:
     save_checkpoint(new, _plain(state))
     read_checkpoint(new)  # what was written reads back safely
     return {"from": fmt, "step": int(state["step"]), "rng_ranks": n_rng}
-
-
-def load_model(path, ema: bool = True, map_location="cpu") -> Tuple[Config, torch.nn.Module, Any, Dict]:
-    """(config, network in eval mode, GaussianDiffusion, checkpoint dict) from a checkpoint.
-
-    ``ema=True`` (the default, as the paper evaluates) loads the EMA weights, and fails
-    if the checkpoint has none rather than silently using the raw ones.
-
-    ``path`` may also be a folder in the diffusers format (config.json and
-    diffusion_pytorch_model.safetensors/.bin), such as the paper's released weights
-    google/ddpm-cifar10-32: see ddpm.official.load_diffusers_folder; or a .safetensors
-    file written by ``python -m ddpm export --format safetensors`` (ddpm.export).
-    """
-    if Path(path).is_dir():
-        from .official import is_diffusers_folder, load_diffusers_folder
-
-        if not is_diffusers_folder(path):
-            raise CheckpointError(f"{path} is a folder but neither a checkpoint file nor a diffusers "
-                                  "folder (config.json + diffusion_pytorch_model.safetensors/.bin)")
-        return load_diffusers_folder(path, ema=ema, map_location=map_location)
-    if Path(path).suffix == ".safetensors":
-        from .export import load_safetensors_export
-
-        return load_safetensors_export(path, ema=ema)
-    state = read_checkpoint(path, map_location)
-    cfg = Config.from_dict(state["config"])
-    model = build_model(cfg)
-    if ema and "ema" not in state:
-        raise CheckpointError(f"checkpoint {path} has no EMA weights; pass ema=False (--no-ema)")
-    weights = state["ema"] if ema else state["model"]
-    bad = state_mismatch(model, weights)
-    if bad:
-        raise CheckpointError(f"weights in {path} do not fit its config ({bad}); the checkpoint was not "
-                              "written by this code for this config")
-    model.load_state_dict(weights)
-    return cfg, model.eval(), build_diffusion(cfg), state
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert-checkpoint", help="rewrite a checkpoint of an earlier ddpm version in the current, safe format",
-        description=f"Read OLD, a {LEGACY_FORMAT} checkpoint (it pickled numpy's RNG state as a numpy array, "
-                    "which ddpm no longer reads as is), with torch.load(weights_only=True) and only numpy's "
-                    "array types allowed besides plain data, so no code in the file can run; write NEW in "
-                    f"{FORMAT} (RNG states as tensors and lists; weights, optimizer, step and config "
-                    "unchanged). A run resumes from a converted last.pt bit for bit.")
-    p.add_argument("old", metavar="OLD", help="the checkpoint to convert")
-    p.add_argument("new", metavar="NEW", help="where to write the converted checkpoint (OLD itself: in place)")
-    p.set_defaults(func=_cmd_convert)
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    res = convert_checkpoint(args.old, args.new)
-    print(f"read {args.old} ({res['from']}, step {res['step']}) with torch.load(weights_only=True), numpy "
-          f"arrays allowed: no code was run")
-    print(f"wrote {args.new} ({FORMAT}): {res['rng_ranks']} RNG state(s) made plain; weights, optimizer, "
-          "step and config unchanged")
-    return 0
 
 
 def state_mismatch(module: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> Optional[str]:

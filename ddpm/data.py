@@ -35,8 +35,12 @@ over the DDP ranks. Resuming at step s therefore reproduces the exact order with
 replaying anything, and the split does not depend on the number of ranks.
 
 Pixel scaling (x/127.5 - 1) and random flips happen in the trainer on whole
-batches (see ``to_model_range``), so workers only decode and all randomness stays
-in one seeded generator.
+batches, so workers only decode and all randomness stays in one seeded generator.
+``to_model_range`` is that scaling, the one map from uint8 pixels to the model's [-1, 1]
+(training, the bound, the figures); ddpm.generate.to_uint8 is its inverse for samples.
+
+``FolderImages`` is the one reader of image files (training folders, the CIFAR10 PNG
+export, FID inputs: see ddpm.sources for image sets named by a spec).
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ import os
 from pathlib import Path
 import sys
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .config import DataConfig
+if TYPE_CHECKING:  # config imports this module (to check data.subset); annotations only here
+    from .config import DataConfig
 
 ENV_DATA_DIR = "DDPM_DATA_DIR"
 DEFAULT_DATA_DIR = "./data"
@@ -160,8 +165,42 @@ class FolderImages(torch.utils.data.Dataset):
         self.files = sorted(p for p in self.root.rglob("*")
                             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
+    @classmethod
+    def at_own_size(cls, root: Path) -> "FolderImages":
+        """The files under ``root`` at their own size, which they must share (DataError
+        otherwise): 1 channel if all are grayscale (mode L), else 3 (grayscale ones converted
+        as PIL's L->RGB); a non-square size is center-cropped to a square, as for training."""
+        from PIL import Image
+
+        reader = cls(root, 0, 3)  # lists the files; size and channels are set below
+        if not reader.files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        sizes, modes = {}, set()
+        for p in reader.files:  # headers only
+            try:
+                with Image.open(p) as im:
+                    sizes.setdefault(im.size, p)
+                    modes.add(im.mode)
+            except OSError as e:
+                raise DataError(f"cannot read image {p}: {e}") from e
+        if len(sizes) > 1:
+            seen = ", ".join(f"{w}x{h} ({p.relative_to(root)})" for (w, h), p in list(sizes.items())[:3])
+            raise DataError(f"images under {root} have different sizes ({seen}); FID inputs must share "
+                            "one size")
+        (w, h), = sizes
+        reader.resolution, reader.channels = min(w, h), (1 if modes == {"L"} else 3)
+        return reader
+
     def __len__(self):
         return len(self.files)
+
+    def stack(self, progress: bool = False) -> torch.Tensor:
+        """Every image, decoded: uint8 [N, C, H, W]."""
+        items = range(len(self))
+        if progress:
+            from tqdm.auto import tqdm
+            items = tqdm(items, desc=f"decoding {self.root.name}", unit="img", leave=False)
+        return torch.stack([self[i] for i in items])
 
     def __getitem__(self, i):
         from PIL import Image
@@ -233,7 +272,7 @@ def _cifar_export(subset: CifarSubset, split: str, data_dir) -> Optional[torch.T
     reader = FolderImages(folder, 32, 3)
     reader.files = files
     _announce(f"CIFAR10 subset ({split}, PNG export)", folder)
-    return torch.stack([reader[i] for i in range(len(files))])
+    return reader.stack()
 
 
 def split_images(dataset: str, split: str, data_dir=None, subset: str = "",
@@ -303,11 +342,7 @@ def load_dataset(cfg: DataConfig, data_dir=None, download: bool = False,
         if len(ds) == 0:
             raise DataError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         if len(ds) * cfg.channels * cfg.resolution ** 2 <= IN_MEMORY_BYTES:
-            items = range(len(ds))
-            if progress:
-                from tqdm.auto import tqdm
-                items = tqdm(items, desc=f"decoding {folder.name}", unit="img", leave=False)
-            return TensorImages(torch.stack([ds[i] for i in items]), ds.name)
+            return TensorImages(ds.stack(progress), ds.name)
         return ds
     raise DataError(f"unknown data.dataset {cfg.dataset!r}")
 

@@ -13,15 +13,13 @@ named steps, each a function returning the results and figures it made:
 
 ``OUT/metrics.json`` is written after each step: every value with its N, sampler, steps,
 variance, EMA flag, reference set, seed, git commit, device and elapsed time.
-``python -m ddpm eval`` (ddpm.cli_eval) builds the spec from the command line.
+``python -m ddpm eval`` (ddpm.cli.evaluate) builds the spec from the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +30,18 @@ import torch
 
 # the bound's numerics, also reachable here as before they had their own module (table4_steps)
 from .bound import RD_DEFINITION, bound_terms, rate_distortion, summarize_nll, table4_rows, table4_steps  # noqa: F401
-from .checkpoint import atomic_write_text, git_commit
+from . import figures as FIG
+from .config import Config, ConfigError
+from .data import resolve_data_dir, to_model_range
 from .diffusion import VarType, _enum
-from .generate import PIXEL_MAP, from_uint8, generate, shard_seed
+from .fidelity import compute_metrics
+from .generate import PIXEL_MAP, check_manifest, generate, sample_manifest
+from .inception import Inception, resolve_weights
+from .loading import load_model
+from .provenance import atomic_write_text, git_commit
+from .runtime import derive_seed, device_description, pick_device
 from .sampling import Sampler
+from .sources import load_images
 
 METRICS = ("fid", "is", "kid", "nll", "rd")
 
@@ -135,13 +141,6 @@ class EvalSpec:
 # --------------------------------------------------------------------------- provenance
 
 
-def device_description(device) -> str:
-    d = torch.device(device)
-    if d.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(d)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
 
@@ -157,11 +156,9 @@ def _json_default(o):
 
 
 def dataset_spec(cfg, split: str, data_dir=None) -> Optional[str]:
-    """The fidelity.load_images spec of the checkpoint's dataset split, or None if the
+    """The sources.load_images spec of the checkpoint's dataset split, or None if the
     dataset has no such split (a folder dataset: data.path is 'train', data.test_path, if
     set, is 'test')."""
-    from .data import resolve_data_dir
-
     ds = cfg.data.dataset
     if ds in ("mnist", "cifar10"):
         return f"{ds}{'-' + cfg.data.subset if cfg.data.subset else ''}:{split}"
@@ -176,8 +173,6 @@ def _earlier_report(mpath: Path, cfg, common: Dict[str, object]) -> Optional[Dic
     """The metrics.json already in the out dir, if it evaluates the same checkpoint (config and
     step), EMA flag and variance (its results are then kept and extended); None if there is
     none; EvalError if it is another evaluation's (results are never mixed)."""
-    from .config import Config, ConfigError
-
     if not mpath.is_file():
         return None
     try:
@@ -258,10 +253,6 @@ def prepare(spec: EvalSpec) -> Evaluation:
     anything is written or sampled: the arguments, the device, the checkpoint, what the out dir
     already holds (another evaluation's metrics.json or samples), the data (reference set, NLL
     splits, figure sources) and the Inception weights. Creates the out dir, nothing else."""
-    from .checkpoint import load_model
-    from .generate import check_manifest, sample_manifest
-    from .train import pick_device
-
     spec = spec.checked()
     device = str(pick_device(spec.device))
     t_start = time.time()
@@ -294,8 +285,6 @@ def prepare(spec: EvalSpec) -> Evaluation:
 
 def _load_inputs(ev: Evaluation) -> None:
     """The data and the Inception network every step will need, loaded (and so checked) now."""
-    from .fidelity import Inception, load_images, resolve_weights
-
     spec, cfg = ev.spec, ev.cfg
     fit = (cfg.data.channels, cfg.data.resolution)  # folder images are decoded as the trainer does
     if spec.sampled:
@@ -331,9 +320,6 @@ Produced = Dict[str, Dict[str, object]]  # {"results": {name: record}, "figures"
 def step_samples(ev: Evaluation, progress: bool = True) -> Produced:
     """Samples -> FID / KID / IS: exactly N samples (resumable shards), their grid, then the
     fidelity metrics against the reference set with the Inception network built in prepare."""
-    from . import figures as FIG
-    from .fidelity import compute_metrics
-
     spec, t0 = ev.spec, time.time()
     samples = generate(ev.model, ev.diffusion, spec.n, ev.image_shape, out_dir=ev.out_dir / "samples",
                        batch_size=spec.batch_size, seed=spec.seed, device=ev.device, var_type=ev.var_arg,
@@ -372,8 +358,6 @@ def step_bound(ev: Evaluation, split: str, progress: bool = True) -> Produced:
     go to OUT/bound_terms_<split>.npz, the rate-distortion curve to OUT/rate_distortion.npz."""
     from tqdm.auto import tqdm
 
-    from . import figures as FIG
-
     spec, loaded = ev.spec, ev.nll_data[split]
     if loaded is None:
         return {"results": {f"nll_{split}": {"value": None, "unavailable":
@@ -409,17 +393,15 @@ def step_bound(ev: Evaluation, split: str, progress: bool = True) -> Produced:
 def step_figures(ev: Evaluation, progress: bool = True) -> Produced:
     """Figs. 6-8 (progressive generation, samples sharing x_t, interpolation), all drawn from
     one generator seeded by (seed, 10000)."""
-    from . import figures as FIG
-
     t0, out = time.time(), ev.out_dir
     g = torch.Generator(device=ev.device)
-    g.manual_seed(shard_seed(ev.spec.seed, 10_000))
+    g.manual_seed(derive_seed(ev.spec.seed, 10_000))
     C, H, W = ev.image_shape
     kw = dict(generator=g, device=ev.device, var_type=ev.var_arg, progress=progress)
     FIG.progressive_generation(ev.diffusion, ev.model, (8, C, H, W), out / "fig6_progressive.png", **kw)
     FIG.shared_latent(ev.diffusion, ev.model, ev.image_shape, out / "fig7_shared_latent.png", **kw)
     fig8_spec, fig8_images = ev.fig8
-    x = from_uint8(fig8_images.permute(0, 2, 3, 1).numpy())
+    x = to_model_range(fig8_images)
     FIG.interpolation(ev.diffusion, ev.model, [(x[0], x[1]), (x[2], x[3])], out / "fig8_interpolation.png", **kw)
     return {"figures": {"fig6_progressive": str(out / "fig6_progressive.png"),
                         "fig7_shared_latent": str(out / "fig7_shared_latent.png"),

@@ -28,21 +28,22 @@ Either way the weights are the EMA ones unless ``--no-ema``, and the safetensors
 carries, as string metadata: ddpm_format ("ddpm-export-v1"), ddpm_config (the resolved
 config as JSON), ddpm_step, ddpm_weights ("ema" or "raw"), ddpm_names ("diffusers" or
 "ddpm") and ddpm_commit. Safetensors files hold tensors and a JSON header only: reading
-one cannot run code.
+one cannot run code. ddpm.loading reads both back (``load_model``), so that an export is a
+``--checkpoint`` here too.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Dict, List
 
 from . import official as O
-from .checkpoint import CheckpointError, atomic_write_text, git_commit, load_model
-from .config import Config, build_diffusion, build_model
+from .checkpoint import CheckpointError
+from .config import Config
+from .loading import EXPORT_FORMAT, load_model
+from .provenance import atomic_write_text, git_commit
 
-EXPORT_FORMAT = "ddpm-export-v1"
 FORMATS = ("diffusers", "safetensors")
 MODEL_INDEX = "model_index.json"
 
@@ -105,68 +106,3 @@ def export_safetensors(checkpoint, out, ema: bool = True) -> Dict[str, Any]:
     cfg, model, _, state = load_model(checkpoint, ema=ema)
     O.write_safetensors(out, model.state_dict(), _metadata(cfg, state, ema, "ddpm"))
     return {"out": str(out), "step": int(state.get("step", -1)), "ema": ema, "notes": []}
-
-
-def load_safetensors_export(path, ema: bool = True):
-    """(config, network in eval mode, GaussianDiffusion, state) from a file written by
-    export_safetensors (or a diffusers folder's weights file written by export_diffusers):
-    the contract of ddpm.checkpoint.load_model, which calls this for *.safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    weights, meta = O.read_safetensors(path, with_metadata=True)
-    if meta.get("ddpm_format") != EXPORT_FORMAT or "ddpm_config" not in meta:
-        raise CheckpointError(f"{path} is a safetensors file without ddpm's metadata (ddpm_format "
-                              f"{EXPORT_FORMAT!r}, ddpm_config); only files written by `python -m ddpm export` "
-                              "carry the config needed to build the network")
-    holds = meta.get("ddpm_weights", "ema")
-    if ema != (holds == "ema"):
-        raise CheckpointError(f"{path} holds the {'raw' if ema else 'EMA'} weights only; "
-                              + ("pass ema=False (--no-ema)" if ema else "load it with ema=True (--ema)"))
-    cfg = Config.from_dict(json.loads(meta["ddpm_config"]))
-    model = build_model(cfg)
-    try:
-        if meta.get("ddpm_names") == "diffusers":
-            O.load_converted(model, O.convert_state_dict(weights, cfg))
-        else:
-            model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {path} do not fit its config: {e}") from e
-    state = {"format": "safetensors-export", "config": cfg.to_dict(), "step": int(meta.get("ddpm_step", -1)),
-             "ema" if ema else "model": model.state_dict(), "source": str(path)}
-    return cfg, model.eval(), build_diffusion(cfg), state
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="write a checkpoint as a diffusers folder or a bare safetensors file",
-        description="Export a model for use without this project's code. --format diffusers: a folder that "
-                    "diffusers' UNet2DModel, DDPMScheduler and DDPMPipeline load with from_pretrained(DIR); "
-                    "--format safetensors: one file of our weights, the config in its metadata. A learned "
-                    "variance or mu prediction has no DDPMScheduler equivalent: export those as safetensors.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. RUN/final.pt), or anything "
-                                                       "`sample --checkpoint` reads")
-    p.add_argument("--format", choices=FORMATS, default="diffusers", help="diffusers (default) or safetensors")
-    p.add_argument("--out", required=True, help="diffusers: a new or empty folder; safetensors: a new "
-                                                "FILE.safetensors")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="export the EMA weights (default, as the paper evaluates) or the raw ones (--no-ema)")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    export = export_diffusers if args.format == "diffusers" else export_safetensors
-    res = export(args.checkpoint, args.out, ema=args.ema)
-    what = f"{'EMA' if res['ema'] else 'raw'} weights of step {res['step']}"
-    if args.format == "diffusers":
-        print(f"wrote {res['out']}: {', '.join(res['files'])} ({what})")
-        print(f"load it with diffusers: DDPMPipeline.from_pretrained({res['out']!r}) or "
-              f"UNet2DModel.from_pretrained({res['out']!r})")
-    else:
-        print(f"wrote {res['out']} ({what}; config in the safetensors metadata, key ddpm_config)")
-    for note in res["notes"]:
-        print(f"note: {note}")
-    return 0

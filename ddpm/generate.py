@@ -7,16 +7,25 @@ Layout of an output folder (``generate(..., out_dir=DIR)``)::
     DIR/shard_00001.npz      ...
 
 Each shard is one sampling batch with its own generator seeded from (seed, shard
-index), so a shard's images do not depend on which shards were generated before it:
-a run that is killed and restarted gives the same N images, bit for bit (on the same
-device and torch build), as an uninterrupted run. Shards are written atomically
-(temporary file + rename), so a kill leaves whole shards only.
+index) (ddpm.runtime.derive_seed), so a shard's images do not depend on which shards
+were generated before it: a run that is killed and restarted gives the same N images,
+bit for bit (on the same device and torch build), as an uninterrupted run. Shards are
+written atomically (temporary file + rename), so a kill leaves whole shards only.
 
 Pixel handling (the paper's, PAPER.md "FID"): samples are clipped to [-1, 1] and
 mapped to [0, 255] by (x + 1) * 127.5; here they are then ROUNDED TO THE NEAREST
 INTEGER and stored as uint8, because torch-fidelity's Inception only accepts uint8
 (the official TF code fed the floats). ``PIXEL_MAP`` states this and is written
 into every manifest and metrics file.
+
+``python -m ddpm sample`` writes another layout, PNGs for people and other tools
+(``write_sample_folder``)::
+
+    OUT/images/000000.png ...  exactly N images
+    OUT/grid.png               the first 64
+    OUT/sample.json            how they were drawn (checkpoint, step, EMA, variance, seed, sampler)
+
+``is_sample_folder`` recognises it (an FID input is then its images/ only, not grid.png).
 """
 
 from __future__ import annotations
@@ -29,14 +38,18 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .data import to_model_range
 from .diffusion import GaussianDiffusion, Model
+from .provenance import atomic_write_bytes, atomic_write_text
+from .runtime import derive_seed
 from .sampling import ANCESTRAL, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT = "ddpm-samples-v1"
 SAMPLER = ANCESTRAL.describe(0)  # the paper's sampler (see ddpm.sampling.Sampler for the others)
 PIXEL_MAP = "clip to [-1, 1], x -> (x + 1) * 127.5, round to nearest integer, uint8"
+# The PNG folder of `python -m ddpm sample` (see the module docstring).
+PNG_IMAGES, PNG_GRID, PNG_RECORD = "images", "grid.png", "sample.json"
 
 
 class SamplesError(RuntimeError):
@@ -52,16 +65,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:
-    """[B, H, W, C] uint8 -> [B, C, H, W] float32 in [-1, 1] (x / 127.5 - 1, the data scaling)."""
+    """[B, H, W, C] uint8 -> [B, C, H, W] float32 in [-1, 1] (data.to_model_range, the data scaling)."""
     assert images.ndim == 4 and images.dtype == np.uint8, (images.shape, images.dtype)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def shard_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for shard ``index`` of a run seeded with ``seed``; independent streams
-    per shard (numpy's SeedSequence hashing, so nearby seeds do not give related streams)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+    return to_model_range(torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
 def shard_path(out_dir, index: int) -> Path:
@@ -85,7 +91,7 @@ def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape
     """Shard ``index``: ``n`` samples [n, H, W, C] uint8 from a generator seeded by (seed, index)."""
     C, H, W = image_shape
     g = torch.Generator(device=device)
-    g.manual_seed(shard_seed(seed, index))
+    g.manual_seed(derive_seed(seed, index))
     if var_type is not None:
         diffusion = diffusion.with_variance(var_type)
     x = sampler(diffusion, model, (n, C, H, W), generator=g, device=device, clip_x0=clip_x0, progress=progress)
@@ -264,3 +270,18 @@ def write_pngs(images: np.ndarray, folder, grid_path=None, grid_max: int = 64) -
     if grid_path is not None:
         save_grid(images[:grid_max], grid_path)
     return folder
+
+
+def write_sample_folder(images: np.ndarray, out, record: Dict[str, Any]) -> Path:
+    """The PNG folder of ``python -m ddpm sample``: OUT/images/*.png, OUT/grid.png and
+    OUT/sample.json (``record``: how the images were drawn). Returns OUT."""
+    out = Path(out)
+    write_pngs(images, out / PNG_IMAGES, grid_path=out / PNG_GRID)
+    atomic_write_text(out / PNG_RECORD, json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def is_sample_folder(path) -> bool:
+    """A folder written by ``python -m ddpm sample`` (write_sample_folder): sample.json beside images/."""
+    path = Path(path)
+    return (path / PNG_RECORD).is_file() and (path / PNG_IMAGES).is_dir()

@@ -48,8 +48,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import diffusion as D
-from .checkpoint import CheckpointError, atomic_write_bytes
+from .checkpoint import CheckpointError
 from .config import Config, DiffusionConfig, build_diffusion, build_model, get_preset
+from .provenance import atomic_write_bytes
 
 CONFIG_FILE = "config.json"
 SCHEDULER_FILE = "scheduler_config.json"
@@ -528,8 +529,8 @@ def _scheduler_config(folder: Path, unet_dir: Path) -> Tuple[Optional[Dict[str, 
 def load_diffusers_folder(folder, ema: bool = True, map_location="cpu"):
     """(config, our UNet in eval mode, GaussianDiffusion, state) from a diffusers folder.
 
-    Same contract as ddpm.checkpoint.load_model (the model is built on the CPU;
-    ``map_location`` is accepted for that signature and unused). ``state`` mimics a
+    Same contract as ddpm.loading.load_model, which calls it for a folder (the model is
+    built on the CPU; ``map_location`` is accepted for that signature and unused). ``state`` mimics a
     checkpoint dict: format "diffusers-folder", config, step -1 (the files do not
     record the training step; -1 is what ddpm.evaluate writes for "unknown"), ema (our
     state dict), plus source, weights_file, scheduler_file and diffusers_config.

@@ -1,4 +1,13 @@
-"""Paths in recorded results, without the absolute paths of the machine that made them.
+"""What every record carries: portable paths, the code version, and files written whole.
+
+- ``atomic_write_bytes`` / ``atomic_write_text``: every file a run, an evaluation or an
+  export writes (checkpoints, configs, run records, metrics, sample shards, weights) is
+  written to a temporary file beside it and renamed over it, so that a crash leaves the
+  old file or the new one, never half of one.
+- ``git_commit``: the commit of this checkout, flagged when the library has uncommitted
+  changes.
+- ``portable_path`` / ``portable``: paths in recorded results, without the absolute paths
+  of the machine that made them.
 
 Every file that leaves a machine (results/, metrics.json, sample and run records) names
 its inputs (checkpoints, data folders, weights). Absolute paths would name folders that
@@ -17,8 +26,60 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
+
+
+# ------------------------------------------------------------------------ atomic files
+
+
+def atomic_write_bytes(path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``:
+    a crash leaves the old file or the new one, never half of one. The file gets the usual
+    mode (0666 less the umask, as open() would give), not mkstemp's private 0600."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path, text: str) -> None:
+    """``atomic_write_bytes`` for text (UTF-8): configs, run records, metrics."""
+    atomic_write_bytes(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def git_commit() -> str:
+    """The commit of this checkout, for provenance records; "+dirty(ddpm/)" when the library
+    has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."],
+                               cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
+        return sha + ("+dirty(ddpm/)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+
+
+# ---------------------------------------------------------------------- portable paths
 
 REPO = Path(__file__).resolve().parents[1]
 # An absolute path inside a string: starts at a "/" that follows a start, space, quote,

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .checkpoint import atomic_write_text, read_checkpoint
+from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
+from .provenance import atomic_write_text
 
 LAST, FINAL, CONFIG, STATS, RUN, SAMPLES = "last.pt", "final.pt", "config.json", "stats.jsonl", "run.json", "samples"
 # Fields that may differ between a run's saved config and the one given on --resume:

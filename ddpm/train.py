@@ -8,7 +8,8 @@
   backend nccl on CUDA, gloo on CPU; only rank 0 writes. Timesteps, noise and flips
   for the whole global batch come from one generator that every rank advances
   identically (each rank keeps its slice), so a run's result does not depend on the
-  number of ranks (up to float summation order); dropout uses per-rank seeds.
+  number of ranks (up to float summation order); dropout uses per-rank seeds. The
+  device, the seeds and the process group: ddpm.runtime.
 - The run directory (its file names, the checks before a run starts or resumes in it,
   and its records: ddpm/rundir.py)::
 
@@ -35,14 +36,10 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import os
 import platform
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -53,15 +50,16 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .checkpoint import git_commit, read_checkpoint, rng_from_plain, rng_to_plain, save_checkpoint, state_mismatch
+from .checkpoint import read_checkpoint, rng_from_plain, rng_to_plain, save_checkpoint, state_mismatch
 from .config import Config, TrainConfig, build_diffusion, build_model
 from .data import batch_stream, load_dataset, resolve_data_dir, to_model_range
 from .diffusion import GaussianDiffusion
 from .generate import save_grid, to_uint8
+from .provenance import git_commit
 from .rundir import (FINAL, LAST, RUN, Resume, RunDirError, append_stats, check_run_dir, grid_path,
-                     recorded_data_dir, saved_config, start_run)
+                     recorded_data_dir, start_run)
+from .runtime import Dist, derive_seed, device_description, pick_device, setup_distributed
 from .sampling import sample
 from .unet import num_params
 
@@ -78,18 +76,7 @@ class NonFiniteLoss(ArithmeticError):
         self.loss, self.grad_norm = loss, grad_norm
 
 
-class DeviceError(ValueError):
-    """--device names no device that torch can use here."""
-
-
 # ------------------------------------------------------------------------------ helpers
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy SeedSequence hashing: unrelated streams for
-    nearby keys, e.g. per-rank seeds)."""
-    a, b = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return ((int(a) << 31) ^ int(b)) & ((1 << 63) - 1)
 
 
 def warmup_lr(base_lr: float, warmup: int, step: int) -> float:
@@ -106,88 +93,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-@dataclass
-class Dist:
-    """This process's place in the process group (a single process: rank 0 of 1)."""
-    rank: int = 0
-    world_size: int = 1
-    created: bool = False  # by setup_distributed, so train() destroys it at the end
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-    def sum_(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` summed over the ranks, in place."""
-        if self.world_size > 1:
-            dist.all_reduce(x)
-        return x
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` is set on any rank (the same answer on every rank)."""
-        if self.world_size == 1:
-            return flag
-        return self.sum_(torch.tensor([float(flag)], device=device)).item() > 0
-
-    def gather(self, obj) -> List[Any]:
-        """Every rank's ``obj``, in rank order."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def setup_distributed(device: torch.device) -> Dist:
-    """Join the process group that torchrun (or a test) describes in the environment
-    (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process otherwise."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1:
-        return Dist()
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    return Dist(dist.get_rank(), dist.get_world_size(), created)
-
-
-def pick_device(name: Optional[str]) -> torch.device:
-    """The device for ``name`` ('auto' or None: cuda if available, else cpu); DeviceError if
-    torch does not know the name or the device is not there."""
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise DeviceError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda, cuda:N "
-                          "or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() "
-                              "is False); use --device cpu or auto")
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s), numbered from 0")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError(f"--device {name}: MPS is not available here; use --device cpu or auto")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except Exception as e:  # noqa: BLE001 - any failure means: not usable here
-            raise DeviceError(f"--device {name} is not usable here ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); use --device cpu or auto") from None
-    return dev
 
 
 class _CtrlC:
@@ -394,8 +299,7 @@ def train(cfg: Config, out_dir, *, resume: bool = False, data_dir=None, download
         with _CtrlC() as ctrl_c:
             return _train(cfg, out, d, dev, resume, data_dir, download, progress, command, ctrl_c)
     finally:
-        if d.created:
-            dist.destroy_process_group()
+        d.close()
 
 
 @dataclass
@@ -596,8 +500,7 @@ def _run_record(run: _Run, data_dir, command: Optional[str], step: int, prior: R
     dev = run.dev
     record = {
         "num_params": run.n_params, "world_size": run.d.world_size, "device": str(dev),
-        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                        else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
+        "device_name": device_description(dev),
         "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
         "dataset": getattr(run.dataset, "name", run.cfg.data.dataset), "dataset_size": len(run.dataset),
         "data_dir": str(resolve_data_dir(data_dir)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -606,75 +509,3 @@ def _run_record(run: _Run, data_dir, command: Optional[str], step: int, prior: R
     if prior.config_changes:
         record.update(config_changes=prior.config_changes, reason=f"non-finite loss at step {prior.diverged_at}")
     return record
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def add_subcommand(subparsers) -> None:
-    from .cli import add_config_args, add_device_arg, add_threads_arg
-
-    p = subparsers.add_parser(
-        "train", help="train a model (single process, or DDP under torchrun)",
-        description="Train a preset (plus --set overrides) into a run directory. Multi-GPU / "
-                    "multi-node: torchrun --nproc_per_node=N -m ddpm train ... (train.batch_size is "
-                    "the global batch).")
-    add_config_args(p, preset_required=False)
-    p.add_argument("--out", help="run directory (required unless --dry-run)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pt (config and data dir from the run "
-                        "unless --preset / --data-dir are given; --set may extend train.steps, and "
-                        "lower train.lr after a non-finite loss)")
-    p.add_argument("--data-dir", help="folder holding the data in torchvision's layout, or the "
-                                      "parent of data.path (default: $DDPM_DATA_DIR, else ./data; "
-                                      "on --resume: the run's)")
-    p.add_argument("--download", action="store_true",
-                   help="allow torchvision to download MNIST/CIFAR10 into the data dir")
-    add_device_arg(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config as training would and print it (with num_params) as one JSON "
-                        "object; nothing is written")
-    add_threads_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .cli import UsageError, resolve_config
-
-    if args.resume and not args.preset:
-        if not args.out:
-            raise UsageError("--resume needs --out (the run directory to continue)")
-        try:
-            base = saved_config(Path(args.out))
-        except RunDirError as e:
-            raise UsageError(str(e)) from None
-        try:
-            from .config import apply_overrides
-            cfg = apply_overrides(base, args.overrides)
-        except (KeyError, ValueError, TypeError) as e:
-            raise UsageError(e.args[0] if e.args else str(e)) from None
-    elif not args.preset:
-        raise UsageError("train needs --preset NAME (see `python -m ddpm presets`), or --resume --out DIR")
-    else:
-        cfg = resolve_config(args.preset, args.overrides)
-    if args.dry_run:
-        print(json.dumps({**cfg.to_dict(), "num_params": num_params(build_model(cfg))}, allow_nan=False))
-        return 0
-    if not args.out:
-        raise UsageError("train needs --out DIR (the run directory)")
-    try:
-        res = train(cfg, args.out, resume=args.resume, data_dir=args.data_dir, download=args.download,
-                    device=args.device, progress=not args.no_progress,
-                    command="python -m ddpm " + shlex.join(getattr(args, "argv", sys.argv[1:])))
-    except RunDirError as e:
-        raise UsageError(str(e)) from None
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if res.get("interrupted"):
-        print(f"interrupted (Ctrl-C) at step {res['step']} of {cfg.train.steps}: saved "
-              f"{Path(args.out) / LAST}; continue with: python -m ddpm train --out {args.out} --resume",
-              file=sys.stderr)
-        return 130
-    return 0

@@ -37,7 +37,6 @@ import ctypes.util
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -49,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must not reach for the
 
 from ddpm import official  # noqa: E402
 from ddpm.config import build_diffusion, build_model, get_preset  # noqa: E402
+from ddpm.runtime import device_description  # noqa: E402
 from ddpm.sampling import sample  # noqa: E402
 from ddpm.train import TrainState, make_optimizer, optimisation_step  # noqa: E402
 from ddpm.unet import num_params  # noqa: E402
@@ -289,15 +289,6 @@ class Runner:
 # --------------------------------------------------------------------------- main
 
 
-def machine_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    return platform.processor()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,7 +346,7 @@ def main(argv=None):
     cfg = get_preset("cifar10", MODELS[args.model])
     mem = PeakMemory(device)
 
-    print(f"machine: {machine_name(device)}; torch {torch.__version__}; diffusers {diffusers_version or 'absent'}")
+    print(f"machine: {device_description(device)}; torch {torch.__version__}; diffusers {diffusers_version or 'absent'}")
     peaks = {name: matmul_peak(device, dt, args.repeats) for name, dt in
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"matmul peak ({'8192' if device.type == 'cuda' else '2048'}^2, best of {args.repeats}): "
@@ -398,7 +389,7 @@ def main(argv=None):
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "machine": machine_name(device), "torch": torch.__version__, "diffusers": diffusers_version,
+            "machine": device_description(device), "torch": torch.__version__, "diffusers": diffusers_version,
             "model": args.model, "params": n_params, "batch": args.batch, "sample_batch": args.sample_batch,
             "sample_steps_timed": args.steps, "repeats": args.repeats, "matmul_peak_flop_s": peaks,
             "max_abs_diff_vs_diffusers": diff, "max_abs_diff_device_vs_cpu": diff_cpu,

@@ -27,10 +27,12 @@ FAMILIES = {"cifar10": "eps_simple", "mnist": "mnist_seed"}  # a run that shows 
 
 
 def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1) -> dict:
-    from ddpm.checkpoint import git_commit
     from ddpm.config import get_preset
-    from ddpm.evaluate import dataset_spec, device_description
-    from ddpm.fidelity import compute_metrics, load_images, subset_indices
+    from ddpm.evaluate import dataset_spec
+    from ddpm.fidelity import compute_metrics
+    from ddpm.provenance import git_commit
+    from ddpm.runtime import device_description
+    from ddpm.sources import load_images, subset_indices
 
     size = EVAL_SIZE[profile]
     preset, overrides = run_config_args(RUNS[FAMILIES[family]], profile)
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         print(f"no cifar10 or mnist runs under {path.parent}/: nothing to do")
         return 0
     from ddpm.data import DataError
-    from ddpm.fidelity import FidelityError
+    from ddpm.inception import FidelityError
 
     try:
         out = {f: floor(args.profile, f, args.data_dir, args.inception_weights) for f in families}
@@ -86,8 +88,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ddpm.checkpoint import atomic_write_text
-    from ddpm.provenance import portable
+    from ddpm.provenance import atomic_write_text, portable
 
     atomic_write_text(path, json.dumps(portable(out), indent=2) + "\n")
     print(json.dumps({f: {k: v[k] for k in ("fid", "kid", "n", "n_reference")} for f, v in out.items()}))

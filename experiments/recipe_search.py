@@ -174,8 +174,8 @@ def respaced(diffusion, model, K):
 def sample_images(ckpt, n, batch, variant="fp32", seed=0, var=None, ema=True, steps=None):
     """n ancestral samples (ddpm.generate's shards and seeds) as uint8 [n, H, W, C]; all T steps
     unless ``steps`` (then respaced, see respaced()); the variant sets grad mode / autocast."""
-    from ddpm.checkpoint import load_model
     from ddpm.generate import generate
+    from ddpm.loading import load_model
 
     cfg, model, diffusion, state = load_model(ckpt, ema=ema)
     if steps and steps < diffusion.T:
@@ -221,7 +221,9 @@ def fid_bootstrap_se(f1, f2, reps=10, seed=0):
 
 
 def metrics(images, ref_spec, ref_n, data_dir, save_feats=None):
-    from ddpm.fidelity import Inception, fid_from_features, kid_from_features, load_images
+    from ddpm.fidelity import fid_from_features, kid_from_features
+    from ddpm.inception import Inception
+    from ddpm.sources import load_images
 
     ref, desc, key = load_images(ref_spec, data_dir, ref_n, seed=2020)
     inc = Inception()
@@ -252,12 +254,21 @@ def judge(args):
             **m, "load_avg_1min": load_avg()}
 
 
+def score(args):
+    """FID/KID of images saved by ``judge --save`` (re-scoring without sampling again)."""
+    import numpy as np
+
+    imgs = np.load(args.images)["images"]
+    return {"kind": "score", "images": args.images, "n": len(imgs),
+            **metrics(imgs, args.ref, args.ref_n or len(imgs), args.data_dir)}
+
+
 def floor(args):
     """N real training images against the reference (default: N test images); when the reference is
     the training split itself, the N images are drawn from outside the reference subset."""
     import numpy as np
 
-    from ddpm.fidelity import load_images, subset_indices
+    from ddpm.sources import load_images, subset_indices
 
     ref_spec = args.ref or f"{args.dataset}:test"
     ref_n = args.ref_n or args.n
@@ -276,9 +287,9 @@ def nll_check(args):
     under each variant: its cost (image-evals/s) and how far bf16 moves the bound."""
     import numpy as np
 
-    from ddpm.checkpoint import load_model
-    from ddpm.evaluate import bound_terms, summarize_nll
-    from ddpm.fidelity import load_images
+    from ddpm.bound import bound_terms, summarize_nll
+    from ddpm.loading import load_model
+    from ddpm.sources import load_images
 
     cfg, model, diffusion, state = load_model(args.checkpoint)
     spec = {"mnist": "mnist:test"}.get(cfg.data.dataset, "cifar10-partial:test")
@@ -330,17 +341,19 @@ def main(argv=None):
     f.add_argument("--dataset", default="mnist")
     f.add_argument("--seed", type=int, default=1)
     f.add_argument("--n", type=int, default=500)
+    sc = sub.add_parser("score")
+    sc.add_argument("images")
     nl = sub.add_parser("nll-check")
     nl.add_argument("checkpoint")
     nl.add_argument("--n", type=int, default=16)
     nl.add_argument("--batch", type=int, default=16)
     nl.add_argument("--variants", default="fp32,fp32+im,bf16+im")
     nl.add_argument("--data-dir", default="../shared/data")
-    for q in (j, f):
+    for q in (j, f, sc):
         q.add_argument("--ref", default=None if q is f else "mnist:test")
         q.add_argument("--ref-n", type=int, default=None)
         q.add_argument("--data-dir", default="../shared/data")
-    for q in (e, tr, j, f, nl):
+    for q in (e, tr, j, f, nl, sc):
         q.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -359,6 +372,8 @@ def main(argv=None):
                           flush=True)
     elif args.cmd == "judge":
         print(json.dumps({**judge(args), **common}), flush=True)
+    elif args.cmd == "score":
+        print(json.dumps({**score(args), **common}), flush=True)
     elif args.cmd == "nll-check":
         print(json.dumps({**nll_check(args), **common}), flush=True)
     else:

@@ -201,3 +201,22 @@ def test_sampler_steps_table_and_figure_sit_beside_the_ddim_papers_trend(tmp_pat
     # without fewer-step evaluations there is no such table
     write_run(tmp_path, "paper", "eps_simple", evals=paper_like())
     assert report.sampler_steps_table(load_profile(tmp_path, "paper")) is None
+
+
+def test_the_released_weights_are_evaluated_not_trained_and_judged_only_when_present(tmp_path, capsys):
+    from experiments import run as R
+
+    assert "released" in EXPERIMENTS and "released" not in R.experiments_for("quick")
+    results, released = tmp_path / "results", tmp_path / "released"
+    rec = R.released_run("released_cifar10", "paper", results, released)
+    assert rec["status"] == "missing" and "hf download google/ddpm-cifar10-32" in rec["data_note"]
+    rc, lines, out = _verdicts(results, capsys)
+    assert rc == 0 and "released weights not found" in lines["released_cifar10.fid"]
+    (released / "ddpm-cifar10-32").mkdir(parents=True)
+    assert R.released_run("released_cifar10", "paper", results, released)["status"] == "finished"
+    # its numbers are judged like the paper's: 3.17 +- 0.2
+    evals = paper_like(fid=3.40)
+    write_run(tmp_path / "r2", "paper", "released_cifar10", evals=evals)
+    rc, lines, out = _verdicts(tmp_path / "r2", capsys)
+    assert rc == 1 and lines["released_cifar10.fid"].startswith("  FAIL")
+    assert lines["released_cifar10.nll_test"].startswith("  ok")

@@ -10,7 +10,7 @@ import torch
 
 from ddpm import bound as B
 from ddpm.diffusion import GaussianDiffusion, make_betas
-from ddpm.generate import shard_seed
+from ddpm.runtime import derive_seed
 
 
 def _model(x, t):
@@ -19,7 +19,7 @@ def _model(x, t):
 
 def test_bound_terms_batches_draw_their_own_noise_and_report_progress():
     """Over 5 images in batches of 2, batch k is calc_bpd_loop on its images with noise seeded
-    by shard_seed(seed, k) (computed here batch by batch, independently), and on_batch hears
+    by derive_seed(seed, k) (computed here batch by batch, independently), and on_batch hears
     of every image once."""
     T = 21
     diffusion = GaussianDiffusion(make_betas("linear", T), "eps", "beta", "simple")
@@ -29,7 +29,7 @@ def test_bound_terms_batches_draw_their_own_noise_and_report_progress():
     assert seen == [2, 2, 1]
     assert set(terms) == set(B.TERMS) and terms["terms_bpd_bt"].shape == (5, T) and terms["mse_bt"].shape == (5, T)
     for k, s in enumerate(range(0, 5, 2)):
-        g = torch.Generator().manual_seed(shard_seed(3, k))
+        g = torch.Generator().manual_seed(derive_seed(3, k))
         x0 = images[s:s + 2].float() / 127.5 - 1.0
         out = diffusion.calc_bpd_loop(_model, x0, clip_x0=True, max_batch=256, generator=g)
         for key in B.TERMS:

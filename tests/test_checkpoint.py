@@ -23,8 +23,9 @@ from test_train import assert_same_weights, make_image_folder, one_thread, tiny_
 from ddpm import cli  # noqa: E402
 from ddpm import train as TR  # noqa: E402
 from ddpm.checkpoint import (FORMAT, LEGACY_FORMAT, CheckpointError, LegacyCheckpointError,  # noqa: E402
-                             UnsafeCheckpointError, convert_checkpoint, load_model, read_checkpoint,
+                             UnsafeCheckpointError, convert_checkpoint, read_checkpoint,
                              rng_from_plain, rng_to_plain, save_checkpoint)
+from ddpm.loading import load_model  # noqa: E402
 from ddpm.config import build_model  # noqa: E402
 
 

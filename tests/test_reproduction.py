@@ -14,12 +14,14 @@ import subprocess
 import pytest
 
 from conftest import REPO, require_shared_data
-from experiments.registry import EXPERIMENTS, runs_for
+from experiments.registry import EXPERIMENTS, experiments_for, runs_for
+
+SMOKE = experiments_for("smoke")  # what --all runs at the smoke profile
 
 
 def smoke_evals():
     """(run, evaluation) pairs at the smoke profile (T = 40: no fewer-step sampler above 40 steps)."""
-    return {(r, ev.name) for e in EXPERIMENTS.values() for r in e.runs for ev in e.evals
+    return {(r, ev.name) for e in map(EXPERIMENTS.get, SMOKE) for r in e.runs for ev in e.evals
             if ev.steps is None or ev.steps <= 40}
 
 
@@ -55,11 +57,11 @@ def smoke(tmp_path_factory):
 
 def test_every_run_trained_and_every_evaluation_wrote_metrics(smoke):
     results, _, _ = smoke
-    for run in runs_for(EXPERIMENTS):
+    for run in runs_for(SMOKE):
         train = json.loads((results / run / "train.json").read_text())
         assert train["status"] in ("finished", "diverged"), (run, train["status"])
         assert train["profile"] == "smoke" and train["config"]["diffusion"]["T"] == 40
-    for exp in EXPERIMENTS.values():
+    for exp in map(EXPERIMENTS.get, SMOKE):
         for run in exp.runs:
             for ev in exp.evals:
                 if (run, ev.name) not in smoke_evals():
@@ -110,7 +112,7 @@ def test_runs_go_in_parallel_and_a_run_with_an_identical_config_is_reused(smoke)
     from experiments.run import default_jobs
 
     # one run per core on a CPU-only machine, one at a time on a GPU machine; never more than runs
-    jobs = min(default_jobs(), len(runs_for(EXPERIMENTS)))
+    jobs = min(default_jobs(), len(runs_for(SMOKE)))
     assert f"{jobs} at a time" in first
     # smoke's CelebA-HQ stand-in is configured exactly like eps_simple: trained and evaluated once
     reuse = json.loads((results / "celebahq" / "train.json").read_text())
@@ -120,7 +122,7 @@ def test_runs_go_in_parallel_and_a_run_with_an_identical_config_is_reused(smoke)
     assert (results / "celebahq" / "figures" / "metrics.json").read_bytes() == \
         (results / "eps_simple" / "figures" / "metrics.json").read_bytes()
     trained = [line for line in first.splitlines() if line.endswith(".train.log)") and "start " in line]
-    assert len(trained) == len(runs_for(EXPERIMENTS)) - 1
+    assert len(trained) == len(runs_for(SMOKE)) - 1
 
 
 def test_the_screen_shows_a_plan_one_line_per_stage_and_a_summary_with_logs_kept(smoke):
@@ -132,7 +134,7 @@ def test_the_screen_shows_a_plan_one_line_per_stage_and_a_summary_with_logs_kept
     assert "not applicable at the smoke profile (more sampling steps than T): eps_simple respaced_50" in first
     assert any(line.startswith("estimated time: about") for line in lines)
     assert "\r" not in first and "%|" not in first  # no child progress bars interleaved on the screen
-    n_stages = len(runs_for(EXPERIMENTS)) - 1 + len(smoke_evals()) - 1  # trainings + evaluations run (one reused)
+    n_stages = len(runs_for(SMOKE)) - 1 + len(smoke_evals()) - 1  # trainings + evaluations run (one reused)
     assert sum(" done  " in line for line in lines) == n_stages
     assert any(line.startswith("summary (smoke profile") for line in lines)
     logs = results.parents[1] / "runs" / "smoke"
@@ -154,7 +156,7 @@ def test_a_fresh_clone_finds_the_data_and_an_inception_with_nothing_set(smoke):
 
 def test_each_run_keeps_its_last_sample_grid_and_the_report_shows_them(smoke):
     results, _, _ = smoke
-    for run in runs_for(EXPERIMENTS):
+    for run in runs_for(SMOKE):
         assert (results / run / "samples.png").stat().st_size > 0
     assert (results / "figures" / "samples_by_run.png").exists()
     md = (results / "tables.md").read_text()

@@ -1,23 +1,26 @@
-"""The ``eval`` subcommand: the command line as an evaluation spec, run by ddpm.evaluate.
+"""``python -m ddpm eval``: the command line as an evaluation spec, run by ddpm.evaluate.
 
     python -m ddpm eval --checkpoint CKPT --metrics fid,is,kid,nll,rd --n N [--var beta|beta_tilde] ...
 
 writes OUT/metrics.json (the spec under run.spec, every value with how it was obtained) and
-the paper's figures. The library (ddpm.evaluate) never imports this module or ddpm.cli.
+the paper's figures.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
-from .evaluate import METRICS, EvalSpec, run_evaluation
+from ..evaluate import METRICS, EvalSpec, run_evaluation
+from ..loading import resolve_checkpoint
+from ..rundir import recorded_data_dir
+from .options import (add_device_arg, add_ema_arg, add_progress_arg, add_sampler_args, add_threads_arg,
+                      add_var_arg)
 
 
 def add_subcommand(subparsers) -> None:
-    from .cli import add_device_arg, add_threads_arg
-    from .cli_sample import add_sampler_args
-
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: FID/IS/KID, NLL (bits/dim), rate-distortion, figures",
         description="Writes OUT/metrics.json and the paper's figures. The request (data, Inception "
@@ -35,10 +38,8 @@ def add_subcommand(subparsers) -> None:
                    help=f"comma-separated subset of {','.join(METRICS)} (default fid,kid,nll,rd); "
                         "'none': the figures alone")
     p.add_argument("--n", type=int, default=50_000, help="samples for FID/KID/IS (default 50000, the paper's)")
-    p.add_argument("--var", choices=["beta", "beta_tilde"], default=None,
-                   help="override the fixed reverse variance (default: the checkpoint's)")
-    p.add_argument("--ema", dest="ema", action="store_true", default=True, help="EMA weights (default)")
-    p.add_argument("--no-ema", dest="ema", action="store_false", help="raw (non-EMA) weights")
+    add_var_arg(p, "override the fixed reverse variance (default: the checkpoint's)")
+    add_ema_arg(p, "evaluate")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint dir>/eval)")
     p.add_argument("--data-dir", default=None,
                    help="dataset folder (default: the run's, from run.json beside the checkpoint, else "
@@ -65,16 +66,21 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--inception-weights", default=None, help="offline Inception weights (else $DDPM_INCEPTION_WEIGHTS)")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="skip the figures (samples grid, Figs. 5-8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p, "no progress bars")
     add_sampler_args(p)
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
 
 
-def spec_from_args(args) -> EvalSpec:
+def run_data_dir(checkpoint) -> Optional[str]:
+    """The data dir recorded in the run.json beside ``checkpoint`` (a run's final.pt/last.pt),
+    so that commands on a run find its data without --data-dir again; None if unknown."""
+    p = Path(checkpoint)
+    return recorded_data_dir(p if p.is_dir() else p.parent)
+
+
+def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     """The evaluation the command line asks for (defaults: OUT beside the checkpoint, the data
     dir recorded in the run's run.json)."""
-    from .cli import resolve_checkpoint, run_data_dir
-
     checkpoint = resolve_checkpoint(args.checkpoint)
     return EvalSpec(
         checkpoint=checkpoint, metrics=tuple(args.metrics.split(",")), n=args.n, variance=args.var, ema=args.ema,
@@ -87,7 +93,7 @@ def spec_from_args(args) -> EvalSpec:
         eta=args.eta, skip=args.skip)
 
 
-def _main(args) -> int:
+def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     report = run_evaluation(spec, progress=not args.no_progress)
     # what each value is, briefly; "unavailable" says why a value is null (e.g. IS offline)
