@@ -32,12 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ddpm.checkpoint import atomic_write_text
 from ddpm.config import get_preset
-from ddpm.provenance import portable
+from ddpm.provenance import atomic_write_text, portable
 from ddpm.rundir import CONFIG, FINAL, RUN, SAMPLES, STATS
 
-from .registry import DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, PROFILES, RUNS, Eval, run_config_args, runs_for
+from .registry import DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, experiments_for, PROFILES, RUNS, Eval, run_config_args, runs_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,15 +234,30 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
 RESULT_FILES = ("metrics.json", "*.png", "rate_distortion.npz")
 
 
+def released_run(name: str, profile: str, results_dir: Path, released_dir: Path) -> dict:
+    """A released model has nothing to train: its train.json says where its weights are, or
+    that they are missing here and how to get them (then its evaluations are skipped)."""
+    run = RUNS[name]
+    folder = released_dir / run.released
+    found = folder.is_dir()
+    record = {"run": name, "profile": profile, "family": run.family, "note": run.note, "released": run.released,
+              "status": "finished" if found else "missing", "checkpoint": str(folder), "config": None,
+              "data_note": "" if found else f"not found at {folder}: where there is internet, "
+                                            f"`hf download google/{run.released} --local-dir {folder}`"}
+    _say(f"{'found' if found else 'MISSING'} {name}: released weights {'at' if found else 'not at'} {_rel(folder)}")
+    _write_json(results_dir / profile / name / "train.json", record)
+    return record
+
+
 def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Path,
-             data_dir: Optional[str]) -> None:
+             data_dir: Optional[str], checkpoint: Optional[Path] = None) -> None:
     out = results_dir / profile / name / ev.name
     work = runs_dir / profile / name / f"eval_{ev.name}"
     if (out / "metrics.json").exists():
         _say(f"skip  {name} eval {ev.name}: done earlier")
         return
     size = EVAL_SIZE[profile]
-    ckpt = runs_dir / profile / name / FINAL
+    ckpt = checkpoint or runs_dir / profile / name / FINAL
     cmd = [sys.executable, "-m", "ddpm", "eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
            "--n", str(size["n"]), "--out", str(work), "--seed", "0"]
     for flag, key in (("--nll-n", "nll_n"), ("--reference-n", "ref_n")):
@@ -303,8 +317,10 @@ def default_jobs() -> int:
 
 
 def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
-                    data_dir: Optional[str], jobs: int = 1, progress_every: float = 60.0) -> None:
+                    data_dir: Optional[str], jobs: int = 1, progress_every: float = 60.0,
+                    released_dir: Optional[Path] = None) -> None:
     global _CHILD_ENV, _BOARD
+    released_dir = Path(released_dir or ROOT / "released")
     runs = runs_for(names)
     evals = {}  # run -> {eval name: Eval}, shared across experiments
     for e in names:
@@ -329,7 +345,7 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
     by_config: Dict[tuple, str] = {}
     for r in RUNS:  # every run, so that one named alone still finds the run it equals
         preset, overrides = run_config_args(RUNS[r], profile)
-        same_as[r] = by_config.setdefault((preset, tuple(overrides)), r)
+        same_as[r] = by_config.setdefault((preset, tuple(overrides), RUNS[r].released), r)
     jobs = max(1, min(jobs, len(runs)))
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # share the cores between the parallel runs instead of oversubscribing them
@@ -346,7 +362,9 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if src != r:
                 _say(f"reuse {r}: same config as {src} at this profile")
-            record = train_run(src, profile, runs_dir, results_dir, data_dir)
+            released = RUNS[r].released and released_dir / RUNS[r].released
+            record = (released_run(r, profile, results_dir, released_dir) if released
+                      else train_run(src, profile, runs_dir, results_dir, data_dir))
             outcome[r].append(f"train {record['status']}")
             if src != r:
                 _reuse(src, r, record, profile, results_dir)
@@ -354,7 +372,7 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
                 if record["status"] != "finished":
                     outcome[r].append(f"{ev.name} skipped")
                     continue
-                eval_run(src, ev, profile, runs_dir, results_dir, data_dir)
+                eval_run(src, ev, profile, runs_dir, results_dir, data_dir, checkpoint=released or None)
                 if src != r:
                     _copy_results(results_dir / profile / src / ev.name, results_dir / profile / r / ev.name)
                 outcome[r].append(f"{ev.name} done")
@@ -383,7 +401,7 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
 
 def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> None:
     """What will run, where its output goes, and how long it should take."""
-    todo_train = [r for r in runs if same_as[r] == r
+    todo_train = [r for r in runs if same_as[r] == r and not RUNS[r].released
                   and not _finished(results_dir / profile / r / "train.json")]
     todo_eval = [(r, e) for r in runs if same_as[r] == r for e in evals[r]
                  if not (results_dir / profile / r / e / "metrics.json").exists()]
@@ -393,6 +411,7 @@ def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> N
           f"{jobs} at a time, OMP_NUM_THREADS={threads}", flush=True)
     for r in runs:
         note = f"same config as {same_as[r]}: reused" if same_as[r] != r else (
+            "released weights, not trained" if RUNS[r].released else
             "trained earlier" if r not in todo_train else "to train")
         print(f"  {r:<20} {note}; evaluations: {', '.join(evals[r])}", flush=True)
     est = EST_SECONDS.get(profile)
@@ -423,6 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained/evaluated in parallel (default: one per CPU core without a GPU, "
                         "1 with a GPU); each gets OMP_NUM_THREADS = cores / jobs unless it is set")
+    p.add_argument("--released-dir", default=str(ROOT / "released"),
+                   help="where released models' diffusers folders are (e.g. released/ddpm-cifar10-32)")
     p.add_argument("--progress-every", type=float, default=60.0,
                    help="seconds between status lines of the running stages (0: none)")
     args = p.parse_args(argv)
@@ -430,14 +451,19 @@ def main(argv=None) -> int:
         for e in EXPERIMENTS.values():
             print(f"{e.name:<16} {e.paper}\n{'':<16} runs: {', '.join(e.runs)}")
         return 0
-    names = list(EXPERIMENTS) if args.all else args.experiments
+    profile = args.profile or default_profile()
+    names = experiments_for(profile) if args.all else args.experiments
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown or not names:
         p.error(f"name experiments ({', '.join(EXPERIMENTS)}) or pass --all" +
                 (f"; unknown: {', '.join(unknown)}" if unknown else ""))
-    profile = args.profile or default_profile()
+    elsewhere = [n for n in names if profile not in EXPERIMENTS[n].profiles]
+    if elsewhere:
+        p.error(f"{', '.join(elsewhere)}: not an experiment of the {profile} profile (only "
+                + "; ".join(f"{n}: {', '.join(EXPERIMENTS[n].profiles)}" for n in elsewhere) + ")")
     run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir,
-                    jobs=args.jobs or default_jobs(), progress_every=args.progress_every)
+                    jobs=args.jobs or default_jobs(), progress_every=args.progress_every,
+                    released_dir=Path(args.released_dir))
     return 0
 
 
