@@ -215,6 +215,11 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+        # the fixed reverse variances: sigma^2 = beta_t, except at the paper's t=1 (index 0),
+        # where the official code uses beta-tilde_2 "for a better decoder log likelihood"
+        self.log_betas = np.log(betas)
+        self.beta_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self._on_device: dict = {}  # (table name, device) -> float64 tensor: copied once, not per call
         # The variance p_theta uses: the trained one, unless with_variance() chose another.
         self.sampling_var = self.var_type
 
@@ -229,12 +234,19 @@ class GaussianDiffusion:
         return other
 
     # -------------------------------------------------------------------- helpers
-    @staticmethod
-    def _extract(arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """arr[t] as a tensor broadcastable to x (float64 constants cast to x's dtype)."""
+    def _extract(self, arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """arr[t] as a tensor broadcastable to x (float64 constants cast to x's dtype). The
+        process's own tables are copied to t's device once and kept there (no host copy per
+        call: sampling calls this thousands of times)."""
         assert t.ndim == 1 and t.shape[0] == x.shape[0], (t.shape, x.shape)
-        out = torch.from_numpy(arr).to(device=t.device)[t].to(x.dtype)
-        return out.view(-1, *([1] * (x.ndim - 1)))
+        name = next((k for k, v in vars(self).items() if v is arr), None)
+        if name is None:
+            table = torch.from_numpy(arr).to(device=t.device)
+        else:
+            table = self._on_device.get((name, t.device))
+            if table is None:
+                table = self._on_device[(name, t.device)] = torch.from_numpy(arr).to(device=t.device)
+        return table[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def model_out_channels(self, data_channels: int) -> int:
         """Channels the network must output: doubled when it also outputs a variance."""
@@ -283,9 +295,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------- reverse process
     def _fixed_log_variance(self, var_type: VarType, t, x):
         if var_type == VarType.BETA:
-            # sigma^2 = beta_t, except at the paper's t=1 (index 0), where the official
-            # code uses beta-tilde_2 "for a better decoder log likelihood".
-            log_var = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+            log_var = self.beta_log_variance  # beta_t; beta-tilde_2 at index 0 (see __init__)
         else:
             log_var = self.posterior_log_variance_clipped
         return self._extract(log_var, t, x).expand_as(x)

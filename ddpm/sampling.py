@@ -157,7 +157,7 @@ def _learned_fraction(diffusion: GaussianDiffusion, log_var, t):
     """Where a learned log-variance lies between log beta-tilde_t and log beta_t (0..1):
     what carries over to a respaced step (as improved-diffusion's learned range)."""
     lo = diffusion._extract(diffusion.posterior_log_variance_clipped, t, log_var)
-    hi = diffusion._extract(np.log(diffusion.betas), t, log_var)
+    hi = diffusion._extract(diffusion.log_betas, t, log_var)
     return (log_var - lo) / (hi - lo)
 
 
@@ -193,7 +193,7 @@ def respaced_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequ
         if short.sampling_var == VarType.LEARNED:
             frac = _learned_fraction(diffusion, log_var, tau_t[t])
             lo = short._extract(short.posterior_log_variance_clipped, t, x)
-            log_var = lo + frac * (short._extract(np.log(short.betas), t, x) - lo)
+            log_var = lo + frac * (short._extract(short.log_betas, t, x) - lo)
         else:
             log_var = short._fixed_log_variance(short.sampling_var, t, x)
         noise = _randn(x.shape, generator, x.device, x.dtype)

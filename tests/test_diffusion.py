@@ -316,3 +316,16 @@ def test_bound_batching_over_timesteps_does_not_change_deterministic_terms():
     a = d.calc_bpd_loop(one_point_oracle(d, c), x0, max_batch=4)  # one step per call
     b = d.calc_bpd_loop(one_point_oracle(d, c), x0, max_batch=1000)  # all steps in one call
     assert torch.allclose(a["terms_bpd_bt"], b["terms_bpd_bt"], rtol=1e-5, atol=1e-8)
+
+
+def test_schedule_tables_are_copied_to_the_device_once():
+    d = GaussianDiffusion(D.linear_betas(50))
+    t, x = torch.tensor([3, 7]), torch.zeros(2, 1, 2, 2)
+    a = d._extract(d.sqrt_alphas_cumprod, t, x)
+    cached = dict(d._on_device)
+    b = d._extract(d.sqrt_alphas_cumprod, t, x)
+    assert torch.equal(a, b) and list(cached) == [("sqrt_alphas_cumprod", t.device)]
+    assert d._on_device[("sqrt_alphas_cumprod", t.device)] is cached[("sqrt_alphas_cumprod", t.device)]
+    assert torch.equal(a.flatten(), torch.tensor(d.sqrt_alphas_cumprod[[3, 7]], dtype=torch.float32))
+    d._extract(np.ones(50), t, x)  # a table that is not the process's own is not kept
+    assert len(d._on_device) == 1
