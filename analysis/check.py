@@ -8,7 +8,8 @@ Verdicts at the paper profile, one per check:
            floating-point rounding is within: |3.52 - 3.17| is 0.3500000000000001 in floats);
   FAIL     the value is outside it, or is not a finite number, or the run's training diverged
            (every checked run is one the paper trained to a number, so divergence contradicts it);
-  no value the run was not run (or has not finished, or crashed), or the metric is missing or
+  no value the run was not run (or has not finished, or failed: crashed, out of memory, ...,
+           "training failed: <the log's last error>"), or the metric is missing or
            unavailable (e.g. IS offline), or its samples were not drawn with the paper's
            sampler (ancestral, all T steps): reported with the reason, not judged.
 Exit status: 1 if any check FAILs, 0 otherwise (also when there is nothing to judge yet;
@@ -60,8 +61,8 @@ def _training_reason(run) -> Optional[str]:
         return f"training diverged (near step {step})"
     if run.status == "missing":  # a released model whose weights are not here
         return f"released weights not found ({run.train.get('data_note', '')})"
-    if run.status != "finished":
-        return f"training {run.status}"
+    if run.status != "finished":  # failed (a crash, not instability: never judged), or unfinished
+        return f"training {run.outcome}"
     return None
 
 
@@ -70,7 +71,7 @@ def _lookup(run, key, field) -> Tuple[Optional[float], Optional[str]]:
     reason = _training_reason(run)
     if reason:
         return None, reason
-    m = run.metric(key)
+    m = run.metric(key, "main")  # the run's own variance and the paper's protocol, never an ablation's
     if m is None:
         return None, "not evaluated"
     sampler = (m.get("sampler_spec") or {}).get("sampler", "ancestral")

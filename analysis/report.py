@@ -41,14 +41,16 @@ def _pm(r: Optional[dict], digits: int = 2, err: str = "std") -> str:
 
 
 def _status_cell(run: Optional[RunResult]) -> Optional[str]:
-    """A cell for a run that has no numbers: not run, or diverged (the paper's '-')."""
+    """A cell for a run that has no numbers: not run, diverged (the paper's '-'), or failed (a
+    crash: out of memory, a killed process, ...; never shown as unstable)."""
     if run is None:
         return "not run"
     if run.status == "diverged":
         step = (run.train.get("stats", {}).get("last") or {}).get("step", "?")
         return f"unstable (diverged near step {step})"
     if run.status != "finished":
-        return run.status
+        out = run.outcome
+        return out if len(out) <= 70 else out[:67] + "..."
     return None
 
 
@@ -180,7 +182,8 @@ def _sampler_points(r: RunResult) -> Dict[str, Dict[int, Dict[str, dict]]]:
         fid = res.get("fid")
         if not fid or m.get("run", {}).get("variance") != (r.train.get("config") or {}).get("diffusion", {}).get("var_type"):
             continue  # another variance (the beta-tilde ablation) is not a point of this curve
-        spec = fid.get("sampler_spec") or {"sampler": "ancestral", "steps": m.get("run", {}).get("steps")}
+        run = m.get("run", {})  # results before sampler_spec existed: ancestral over all T steps
+        spec = fid.get("sampler_spec") or {"sampler": "ancestral", "steps": run.get("T", run.get("steps"))}
         if spec.get("steps") is not None:
             out.setdefault(spec["sampler"], {})[int(spec["steps"])] = {"fid": fid, "kid": res.get("kid")}
     return out
@@ -193,19 +196,22 @@ def sampler_steps_table(runs: Dict[str, RunResult]) -> Optional[Table]:
     points = _sampler_points(r) if r else {}
     if not (set(points) - {"ancestral"}):
         return None
+    var = (r.metric("fid", "main") or {}).get("variance") or "beta"
     rows = []
-    for kind, paper in (("respaced", "eta 1"), ("ancestral", "eta 1"), ("ddim", "ddim (eta 0)")):
-        ref = dict(zip(P.DDIM_TABLE1_STEPS, P.DDIM_TABLE1[paper]))
+    for kind in ("respaced", "ancestral", "ddim"):
+        paper = P.DDIM_ROW_FOR["ddim" if kind == "ddim" else var]
+        ref = dict(zip(P.DDIM_TABLE1_STEPS, P.DDIM_TABLE1.get(paper, ())))
         for k, pt in sorted(points.get(kind, {}).items()):
             rows.append(["ancestral (all T steps)" if kind == "ancestral" else kind, str(k), _f(pt["fid"]["value"]),
                          _pm(pt["kid"], 3) if pt["kid"] else "n/a", _f(ref[k]) if k in ref else "-"])
     return {"title": "Sampler steps (beyond the paper): FID / KID against the number of steps K",
-            "header": ["sampler", "K", "FID", "KID", "DDIM paper Table 1 FID (CIFAR10, 50k; eta 0 / eta 1)"],
+            "header": ["sampler", "K", "FID", "KID", f"DDIM paper Table 1 FID (CIFAR10, 50k; ddim: eta 0, "
+                       f"others: {P.DDIM_ROW_FOR.get(var, '?')})"],
             "rows": rows,
             "notes": _scale_notes([r]) + [
-                "respaced: DDPM on K of the T steps with the run's own variance; ddim: eta = 0; the paper's "
-                "column is the DDIM paper's CIFAR10 trend at full scale (its eta = 1 row beside respaced), for "
-                "the shape of the curve only"]}
+                f"respaced: DDPM on K of the T steps with the run's own variance ({var}); ddim: eta = 0; the "
+                "paper's column is the DDIM paper's CIFAR10 trend at full scale (the row of the same sampler and "
+                "variance: sigma-hat for beta, eta 1 for beta-tilde), for the shape of the curve only"]}
 
 
 def sampler_steps_figure(runs: Dict[str, RunResult], path: Path) -> Optional[Path]:
@@ -247,7 +253,7 @@ def runs_table(runs: Dict[str, RunResult]) -> Table:
         ev_times = ", ".join(f"{e} {_f((m.get('run') or {}).get('elapsed_s_total'), 0)} s"
                              for e, m in r.evals.items())
         same = r.train.get("same_as")
-        rows.append([name, r.status + (f" (reuses {same})" if same else ""), last.get("step", "?"),
+        rows.append([name, r.outcome + (f" (reuses {same})" if same else ""), last.get("step", "?"),
                      _f(last.get("loss"), 4), _f(last.get("grad_norm"), 3),
                      "0 (reused)" if same else _f(r.train.get("elapsed_s_total",
                                                                r.train.get("elapsed_s_this_call")), 0),

@@ -19,6 +19,14 @@ class RunResult:
     def status(self) -> str:
         return self.train.get("status", "unknown")
 
+    @property
+    def outcome(self) -> str:
+        """The status, and for a failed training why: 'failed: <its log's last error>'."""
+        if self.status == "failed":
+            why = self.train.get("reason") or f"exit code {self.train.get('exit_code', '?')}"
+            return f"failed: {why}".replace("|", "/")  # a cell of a markdown table
+        return self.status
+
     def metric(self, key: str, eval_name: Optional[str] = None) -> Optional[Dict[str, Any]]:
         """The result dict of ``key`` (fid, is, kid, nll_test, nll_train, rd), from ``eval_name``
         or else from the "main" evaluation, or else the first (by name) that has it."""

@@ -28,9 +28,10 @@ from .provenance import atomic_write_text
 
 LAST, FINAL, CONFIG, STATS, RUN, SAMPLES = "last.pt", "final.pt", "config.json", "stats.jsonl", "run.json", "samples"
 # Fields that may differ between a run's saved config and the one given on --resume:
-# they change how long the run goes and what it writes, not what it computes.
+# they change how long the run goes and what it writes, not what it computes (train.microbatch:
+# only the float summation order, so that a run may move to a GPU with less memory).
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "data.num_workers"}
+                     "data.num_workers", "train.microbatch"}
 # ... and, when the checkpoint resumed from precedes a recorded non-finite loss, these too
 # (the advice the divergence message gives must be possible to follow).
 AFTER_DIVERGENCE_CHANGES = {"train.lr"}

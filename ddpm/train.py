@@ -10,6 +10,12 @@
   identically (each rank keeps its slice), so a run's result does not depend on the
   number of ranks (up to float summation order); dropout uses per-rank seeds. The
   device, the seeds and the process group: ddpm.runtime.
+- Gradient accumulation (train.microbatch): each rank runs its share of the global batch
+  in pieces of train.microbatch images and steps once, so a batch too large for a GPU's
+  memory (CelebA-HQ 256: batch 64) keeps the paper's global batch; the update is the
+  same up to float summation order.
+- Exit codes of ``python -m ddpm train``: 0 done, 2 a wrong request (ddpm.cli), 3
+  diverged (EXIT_DIVERGED: a non-finite loss), 130 Ctrl-C; anything else is a crash.
 - The run directory (its file names, the checks before a run starts or resumes in it,
   and its records: ddpm/rundir.py)::
 
@@ -36,6 +42,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
@@ -52,7 +59,7 @@ import numpy as np
 import torch
 
 from .checkpoint import read_checkpoint, rng_from_plain, rng_to_plain, save_checkpoint, state_mismatch
-from .config import Config, TrainConfig, build_diffusion, build_model
+from .config import Config, ConfigError, TrainConfig, build_diffusion, build_model
 from .data import batch_stream, load_dataset, resolve_data_dir, to_model_range
 from .diffusion import GaussianDiffusion
 from .generate import save_grid, to_uint8
@@ -66,6 +73,13 @@ from .unet import num_params
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the last good checkpoint is kept."""
+
+
+# The exit code of `python -m ddpm train` after TrainingDiverged. experiments.run records only
+# this code as "diverged" (a result: the paper's "unstable"); any other failure (out of memory,
+# an NCCL error, a killed process) is "failed" and retried, never read as instability.
+# (2: a wrong request, ddpm.cli; 130: Ctrl-C.)
+EXIT_DIVERGED = 3
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -244,6 +258,14 @@ class StepOutput(NamedTuple):
     lr: float  # the learning rate the update used
 
 
+def microbatches(batch: int, microbatch: int) -> List[slice]:
+    """This rank's batch of ``batch`` examples as the slices train.microbatch cuts it into
+    (one slice: the whole batch, when microbatch is 0 or at least ``batch``)."""
+    mb = microbatch if 0 < microbatch < batch else batch
+    assert batch % mb == 0, (batch, mb)  # checked with a ConfigError before training starts
+    return [slice(lo, lo + mb) for lo in range(0, batch, mb)]
+
+
 def optimisation_step(state: TrainState, net: Callable, diffusion: GaussianDiffusion, x0: torch.Tensor,
                       t: torch.Tensor, noise: torch.Tensor, tc: TrainConfig, d: Optional[Dist] = None
                       ) -> StepOutput:
@@ -251,20 +273,37 @@ def optimisation_step(state: TrainState, net: Callable, diffusion: GaussianDiffu
     train.bf16, its gradient clipped to norm train.grad_clip, Adam at the warmed-up learning
     rate, then the EMA. ``net`` runs the forward: state.model or a wrapper of it (DDP,
     torch.compile, another library's call convention). A non-finite loss or gradient norm
-    on any rank raises NonFiniteLoss on every rank before the optimizer or EMA change."""
+    on any rank raises NonFiniteLoss on every rank before the optimizer or EMA change.
+
+    Gradient accumulation (train.microbatch): the batch's x0, t and noise were drawn whole,
+    then each slice's loss sum / B is backpropagated into the same .grad, so the gradient is
+    that of the whole batch's mean loss up to float summation order; one clip, one Adam step.
+    (Dropout masks are drawn per slice, so with dropout the update matches only in distribution.)
+    Under DDP the ranks' gradients are averaged once, with the last slice (no_sync before)."""
     d = d or Dist()
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-        losses = diffusion.training_losses(net, x0, t, noise)["loss"].float()
-    assert losses.shape == (x0.shape[0],), losses.shape
-    loss = losses.mean()
+    B = x0.shape[0]
     state.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    parts = microbatches(B, tc.microbatch)
+    no_sync = getattr(net, "no_sync", None)  # DDP (also through torch.compile's wrapper)
+    losses = []
+    for i, sl in enumerate(parts):
+        sync = i == len(parts) - 1 or no_sync is None
+        with contextlib.nullcontext() if sync else no_sync():
+            with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                part = diffusion.training_losses(net, x0[sl], t[sl], noise[sl])["loss"].float()
+            assert part.shape == (x0[sl].shape[0],), part.shape
+            # the whole batch's mean: each of the equal slices adds its mean / number of slices
+            # (one slice: exactly losses.mean(), so that runs without microbatches are unchanged bit for bit)
+            (part.mean() / len(parts)).backward()
+        losses.append(part.detach())
+    losses = torch.cat(losses) if len(losses) > 1 else losses[0]
+    loss = losses.mean()
     # grad_clip 0: no clipping (the norm is still computed, for the log and the NaN guard)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(),
                                                tc.grad_clip if tc.grad_clip > 0 else math.inf)
     # The global mean loss; summing it over the ranks also makes a non-finite loss on any
     # rank stop every rank. One .tolist(): one device sync per step.
-    global_loss = d.sum_(loss.detach().clone()) / d.world_size
+    global_loss = d.sum_(loss.clone()) / d.world_size
     loss_val, norm_val = torch.stack([global_loss, grad_norm.detach().float()]).tolist()
     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
         raise NonFiniteLoss(loss_val, norm_val)
@@ -274,7 +313,7 @@ def optimisation_step(state: TrainState, net: Callable, diffusion: GaussianDiffu
     state.opt.step()
     ema_update(state.ema, state.model, tc.ema_decay)
     state.step += 1
-    return StepOutput(losses.detach(), grad_norm.detach(), loss_val, lr)
+    return StepOutput(losses, grad_norm.detach(), loss_val, lr)
 
 
 # ------------------------------------------------------------------------------ training
@@ -296,10 +335,23 @@ def train(cfg: Config, out_dir, *, resume: bool = False, data_dir=None, download
         torch.cuda.set_device(dev)
     d = setup_distributed(dev)
     try:
+        check_batch_split(tc=cfg.train, world_size=d.world_size)
         with _CtrlC() as ctrl_c:
             return _train(cfg, out, d, dev, resume, data_dir, download, progress, command, ctrl_c)
     finally:
         d.close()
+
+
+def check_batch_split(tc: TrainConfig, world_size: int) -> None:
+    """ConfigError unless the global batch splits evenly over the processes and each
+    process's share into train.microbatch pieces (known only once the processes are)."""
+    if tc.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) must be divisible by the "
+                          f"number of processes ({world_size})")
+    local = tc.batch_size // world_size
+    if 0 < tc.microbatch < local and local % tc.microbatch:
+        raise ConfigError(f"train.microbatch={tc.microbatch} must divide the per-process batch "
+                          f"(train.batch_size {tc.batch_size} / {world_size} processes = {local})")
 
 
 @dataclass
@@ -396,7 +448,9 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
     if d.main:  # the run's description, before training starts
         start_run(out, cfg, _run_record(run, data_dir, command, state.step, prior), resume, state.step)
         log(f"training {cfg.data.dataset} ({len(run.dataset):,} images), {run.n_params:,} params, "
-            f"global batch {tc.batch_size} over {d.world_size} process(es) on {dev}, "
+            f"global batch {tc.batch_size} over {d.world_size} process(es) on {dev}"
+            + (f" in microbatches of {tc.microbatch}" if 0 < tc.microbatch < tc.batch_size // d.world_size else "")
+            + ", "
             f"steps {state.step}..{tc.steps} -> {out}")
     d.barrier()
 

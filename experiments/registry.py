@@ -164,6 +164,14 @@ DATA_NOTES = {
     ("smoke", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in",
 }
 
+# GPUs a training run of a family gets at a profile, when the machine has them (experiments.run
+# launches it over torchrun; --gpus-per-run overrides this). CelebA-HQ 256: 497 GFLOP per image
+# per forward against CIFAR10's 12.4 (torch's FlopCounterMode), 12x CIFAR10's whole training at
+# the paper's batch and steps (the paper trained both on a TPU v3-8). Any other run: one GPU.
+GPUS_PER_RUN: Dict[Tuple[str, str], int] = {
+    ("paper", "celebahq"): 8,
+}
+
 
 def run_config_args(run: Run, profile: str) -> Tuple[str, List[str]]:
     """(preset, --set overrides) for a run at a profile. Profile overrides come first so

@@ -7,6 +7,20 @@
 Finished work is skipped, so an interrupted reproduction resumes where it stopped:
 a run whose final checkpoint exists is not retrained (an unfinished one resumes from
 its last checkpoint), an evaluation whose metrics.json exists is not redone.
+
+A training's outcome (train.json "status"): "finished"; "diverged", only when `ddpm train`
+exits with EXIT_DIVERGED (a non-finite loss: a result, the paper's "unstable"); else
+"failed", with "reason", the last error line of its log (out of memory, an NCCL error, a
+bad batch size, a kill): a failed run is retried by the next call of the same command and
+the tables show it as failed, never as unstable.
+
+Where stages run (experiments/gpus.py): on a CPU machine, --jobs runs at once, each process
+with OMP_NUM_THREADS = cores / jobs. On a GPU machine, every visible GPU
+($CUDA_VISIBLE_DEVICES, else all): one stage per GPU, pinned with CUDA_VISIBLE_DEVICES; a
+training that gets K > 1 GPUs (registry.GPUS_PER_RUN: CelebA-HQ at the paper profile; or
+--gpus-per-run K) runs under torchrun over K GPUs; stages queue for free GPUs, first come,
+first served. --plan prints the schedule, GPU-hours from a few timed steps on this machine's
+GPU, and the expected end, and starts nothing.
 Checkpoints, samples and logs go under --runs-dir (default runs/, not in git); small
 machine-readable results go under --results-dir (default results/):
 
@@ -30,13 +44,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ddpm.config import get_preset
 from ddpm.provenance import atomic_write_text, portable
 from ddpm.rundir import CONFIG, FINAL, RUN, SAMPLES, STATS
+from ddpm.train import EXIT_DIVERGED
 
-from .registry import DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, experiments_for, PROFILES, RUNS, Eval, run_config_args, runs_for
+from .gpus import GpuPool, Stage, gpus_for, launch, simulate, visible_gpus
+from .registry import (DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, GPUS_PER_RUN, PROFILES, RUNS, Eval,
+                       experiments_for, run_config_args, runs_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +64,11 @@ def default_profile() -> str:
     return "paper" if torch.cuda.is_available() else "quick"
 
 
-# Set by run_experiments: the environment of the ddpm processes (their CPU threads).
+# Set by run_experiments: the environment of the ddpm processes (their CPU threads), the
+# machine's GPUs (None: a CPU machine), and --gpus-per-run (None: the registry's GPUS_PER_RUN).
 _CHILD_ENV: Optional[dict] = None
+_POOL: Optional[GpuPool] = None
+_GPUS_PER_RUN: Optional[int] = None
 _PRINT_LOCK = threading.Lock()
 # A tqdm progress line of a child ("sample:  45%|####  | 225/500 [01:02<01:15, 3.6it/s]").
 _TQDM = re.compile(r"(?:(?P<desc>[^|]*?):\s*)?(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?)"
@@ -119,19 +139,67 @@ def _progress(m: "re.Match", label: str) -> str:
     return f"{desc + ' ' if desc else ''}{m['pct']}% ({m['n']}/{m['total']}, ETA {m['eta'].strip()})"
 
 
-def _call(cmd: List[str], log: Path, label: str) -> int:
-    """Run a ddpm command with its whole output in ``log`` (progress bars: their last state
-    only) and its progress on the board; on failure the log's last lines go to the screen."""
+class Ran(NamedTuple):
+    rc: int  # the exit code (under torchrun: its root cause's)
+    tail: List[str]  # the last lines of its output (progress bars left out)
+    gpus: List[str]  # the GPUs it ran on ([]: the CPU)
+
+
+def _stage(argv: List[str], log: Path, label: str, gpus: int = 1) -> Ran:
+    """``python -m ddpm ARGV`` on this machine: on the CPU, or once ``gpus`` GPUs are free,
+    pinned to them (over torchrun when more than one)."""
+    if _POOL is None:
+        cmd, env = launch(argv, [], _CHILD_ENV)
+        return Ran(*_call(cmd, log, label, env), [])
+    with _POOL.take(gpus) as ids:
+        cmd, env = launch(argv, ids, _CHILD_ENV)
+        rc, tail = _call(cmd, log, label, env, where=f" on GPU {','.join(ids)}")
+    if rc != 0 and len(ids) > 1:
+        rc = torchrun_exit_code(tail, rc)
+    return Ran(rc, tail, ids)
+
+
+def torchrun_exit_code(lines: List[str], rc: int) -> int:
+    """The exit code of the worker torchrun names as the root cause of its failure (torchrun
+    itself exits 1 whatever its workers' codes); ``rc`` if its report is not there."""
+    for i, line in enumerate(lines):
+        if line.startswith("Root Cause"):
+            for later in lines[i + 1:]:
+                m = re.match(r"\s*exitcode\s*:\s*(-?\d+)", later)
+                if m:
+                    return int(m[1])
+    return rc
+
+
+# The line that says why a process failed: our one-line errors, an exception's last line
+# (torch.OutOfMemoryError: CUDA out of memory ..., RuntimeError: NCCL error ...), Ctrl-C.
+_ERROR_LINE = re.compile(r"^(error: |interrupted |([\w.]*\.)?\w*(Error|Exception|Interrupt)\b)")
+
+
+def failure_reason(rc: int, lines: List[str]) -> str:
+    """The last error line of a failed process's output (not torchrun's own wrapper), else its exit code."""
+    for line in reversed(lines):
+        line = re.sub(r"^\[(rank|default)\d+\]:\s*", "", line.strip())  # torchrun's per-worker prefix
+        if _ERROR_LINE.match(line) and "ChildFailedError" not in line:
+            return line if len(line) <= 300 else line[:297] + "..."
+    return f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}, no error line in the log"
+
+
+def _call(cmd: List[str], log: Path, label: str, env: Optional[dict] = None, where: str = ""
+          ) -> Tuple[int, List[str]]:
+    """Run a command with its whole output in ``log`` (progress bars: their last state
+    only) and its progress on the board; on failure the log's last lines go to the screen.
+    Returns its exit code and the last lines of its output."""
     log.parent.mkdir(parents=True, exist_ok=True)
     _BOARD.start(label)
-    _say(f"start {label}  (log: {_rel(log)})")
+    _say(f"start {label}{where}  (log: {_rel(log)})")
     tail: List[str] = []
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         f.flush()
         # text mode reads tqdm's carriage-return refreshes as lines of their own
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
-                                bufsize=1, env=_CHILD_ENV)
+                                bufsize=1, env=env)
         bar, last = None, None
         for line in proc.stdout:
             line = _ANSI.sub("", line.rstrip("\n")).rstrip()
@@ -149,7 +217,7 @@ def _call(cmd: List[str], log: Path, label: str) -> int:
             bar = None
             if not m:
                 f.write(line + "\n")
-                tail = (tail + [line])[-15:]
+                tail = (tail + [line])[-200:]
             f.flush()
         rc = proc.wait()
         if bar and bar != last:
@@ -159,8 +227,8 @@ def _call(cmd: List[str], log: Path, label: str) -> int:
         _say(f"done  {label} in {_duration(took)}")
     else:
         _say(f"FAILED {label} (exit {rc}) after {_duration(took)}; last lines of {_rel(log)}:\n"
-             + "\n".join("    " + t for t in tail))
-    return rc
+             + "\n".join("    " + t for t in tail[-15:]))
+    return rc, tail
 
 
 def _rel(path: Path) -> str:
@@ -197,24 +265,31 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
         _say(f"skip  {name} train: {previous['status']} earlier")
         _copy_samples(out, record_path.parent)
         return previous
+    if previous and previous["status"] == "failed":
+        why = previous.get("reason") or f"exit {previous.get('exit_code')}"
+        _say(f"retry {name} train: failed earlier ({why})")
     preset, overrides = run_config_args(run, profile)
     # --download: a dataset that no data dir holds is fetched (online) into the first one
-    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", preset, "--out", str(out), "--download"]
+    argv = ["train", "--preset", preset, "--out", str(out), "--download"]
     for o in overrides:
-        cmd += ["--set", o]
+        argv += ["--set", o]
     if data_dir:
-        cmd += ["--data-dir", data_dir]
+        argv += ["--data-dir", data_dir]
     if out.exists():
-        cmd.append("--resume")
+        argv.append("--resume")
     t0 = time.time()
-    rc = _call(cmd, runs_dir / profile / f"{name}.train.log", f"{name} train")
-    elapsed = time.time() - t0
-    status = "finished" if rc == 0 and (out / FINAL).exists() else ("diverged" if rc == 1 else "failed")
+    ran = _stage(argv, runs_dir / profile / f"{name}.train.log", f"{name} train", gpus_wanted(name, profile))
+    rc, elapsed = ran.rc, time.time() - t0
+    # diverged: only ddpm's own verdict (a non-finite loss); any other exit is a failure to retry
+    status = ("finished" if rc == 0 and (out / FINAL).exists() else
+              "diverged" if rc == EXIT_DIVERGED else "failed")
     record = {
         "run": name, "profile": profile, "family": run.family, "note": run.note,
         "preset": preset, "overrides": overrides,
         "data_note": DATA_NOTES.get((profile, run.family), ""),
-        "status": status, "exit_code": rc, "elapsed_s_this_call": round(elapsed, 1),
+        "status": status, "exit_code": rc,
+        "reason": failure_reason(rc, ran.tail) if status == "failed" else None,
+        "gpus": ran.gpus or None, "elapsed_s_this_call": round(elapsed, 1),
         # over every call that got a record (a killed call records nothing: its time is lost here)
         "elapsed_s_total": round(elapsed + ((previous or {}).get("elapsed_s_total") or 0.0), 1),
         "omp_num_threads": (_CHILD_ENV or os.environ).get("OMP_NUM_THREADS"),
@@ -225,8 +300,18 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
     _write_json(record_path, record)
     _copy_samples(out, record_path.parent)
     if status == "failed":
-        raise SystemExit(f"[{profile}/{name}] training failed (exit {rc}); see {runs_dir / profile / (name + '.train.log')}")
+        raise SystemExit(f"[{profile}/{name}] training failed (exit {rc}: {record['reason']}); it is retried by the "
+                         f"next call; see {_rel(runs_dir / profile / (name + '.train.log'))}")
     return record
+
+
+def gpus_wanted(name: str, profile: str) -> int:
+    """GPUs for training run ``name`` at ``profile`` on this machine (0 on a CPU machine)."""
+    if _POOL is None:
+        return 0
+    run = RUNS[name]
+    want = _GPUS_PER_RUN or GPUS_PER_RUN.get((profile, run.family), 1)
+    return gpus_for(get_preset(*run_config_args(run, profile)), want, len(_POOL.ids))
 
 
 # What is copied from an evaluation's folder (under runs/) into results/: small files only,
@@ -258,7 +343,7 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
         return
     size = EVAL_SIZE[profile]
     ckpt = checkpoint or runs_dir / profile / name / FINAL
-    cmd = [sys.executable, "-m", "ddpm", "eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
+    cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
            "--n", str(size["n"]), "--out", str(work), "--seed", "0"]
     for flag, key in (("--nll-n", "nll_n"), ("--reference-n", "ref_n")):
         if size[key] is not None:
@@ -271,9 +356,11 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
         cmd.append("--no-figures")
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    rc = _call(cmd, runs_dir / profile / f"{name}.eval_{ev.name}.log", f"{name} eval {ev.name}")
-    if rc != 0:
-        raise SystemExit(f"[{profile}/{name}] evaluation {ev.name} failed (exit {rc})")
+    # one GPU each (sampling and the bound are one process's work)
+    ran = _stage(cmd, runs_dir / profile / f"{name}.eval_{ev.name}.log", f"{name} eval {ev.name}", 1)
+    if ran.rc != 0:
+        raise SystemExit(f"[{profile}/{name}] evaluation {ev.name} failed (exit {ran.rc}: "
+                         f"{failure_reason(ran.rc, ran.tail)}); it is retried by the next call")
     _copy_results(work, out)
 
 
@@ -310,17 +397,22 @@ def _reuse(src: str, dst: str, record: dict, profile: str, results_dir: Path) ->
 
 def default_jobs() -> int:
     """Runs in parallel: one per CPU core on a CPU-only machine (small models use cores
-    better as separate single-threaded processes than as threads of one), one on a GPU."""
-    import torch
-
-    return 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
+    better as separate single-threaded processes than as threads of one), one per GPU on a
+    GPU machine."""
+    return len(visible_gpus()) or os.cpu_count() or 1
 
 
 def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
                     data_dir: Optional[str], jobs: int = 1, progress_every: float = 60.0,
-                    released_dir: Optional[Path] = None) -> None:
-    global _CHILD_ENV, _BOARD
+                    released_dir: Optional[Path] = None, gpus: Optional[List[str]] = None,
+                    gpus_per_run: Optional[int] = None, plan: bool = False) -> None:
+    """Train and evaluate what ``names`` need. ``gpus``: the GPUs to share out (default: every
+    visible one; [] runs on the CPU); ``gpus_per_run``: GPUs per training (default: 1, or the
+    registry's GPUS_PER_RUN); ``plan``: print the schedule and its GPU-hours, start nothing."""
+    global _CHILD_ENV, _BOARD, _POOL, _GPUS_PER_RUN
     released_dir = Path(released_dir or ROOT / "released")
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    _POOL, _GPUS_PER_RUN = (GpuPool(gpus) if gpus else None), gpus_per_run
     runs = runs_for(names)
     evals = {}  # run -> {eval name: Eval}, shared across experiments
     for e in names:
@@ -351,6 +443,12 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
         # share the cores between the parallel runs instead of oversubscribing them
         _CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir)
+    # the runs with the most evaluations first, so parallel workers finish close together
+    # (reusing runs last: they wait for the run they reuse)
+    runs = sorted(runs, key=lambda r: (same_as[r] != r, -len(evals[r])))
+    if plan:
+        _print_schedule(profile, runs, evals, same_as, jobs, runs_dir, results_dir)
+        return
     outcome: Dict[str, List[str]] = {r: [] for r in runs}
     t_start = time.time()
 
@@ -377,9 +475,6 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
                     _copy_results(results_dir / profile / src / ev.name, results_dir / profile / r / ev.name)
                 outcome[r].append(f"{ev.name} done")
 
-    # the runs with the most evaluations first, so parallel workers finish close together
-    # (reusing runs last: they wait for the run they reuse)
-    runs = sorted(runs, key=lambda r: (same_as[r] != r, -len(evals[r])))
     failed = []
     _BOARD = Board(progress_every)
     with _BOARD, ThreadPoolExecutor(jobs) as pool:
@@ -409,6 +504,12 @@ def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> N
     print(f"plan ({profile} profile): {len(runs)} runs ({len(todo_train)} to train), "
           f"{sum(len(v) for v in evals.values())} evaluations ({len(todo_eval)} to do), "
           f"{jobs} at a time, OMP_NUM_THREADS={threads}", flush=True)
+    if _POOL is not None:
+        wide = {r: k for r in todo_train if (k := gpus_wanted(r, profile)) > 1}
+        print(f"GPUs: {len(_POOL.ids)} ({','.join(_POOL.ids)}); each stage pinned to its own "
+              f"(CUDA_VISIBLE_DEVICES), waiting for free ones; one GPU per run"
+              + (", except over torchrun: " + ", ".join(f"{r} on {k}" for r, k in wide.items()) if wide else ""),
+              flush=True)
     for r in runs:
         note = f"same config as {same_as[r]}: reused" if same_as[r] != r else (
             "released weights, not trained" if RUNS[r].released else
@@ -420,9 +521,121 @@ def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> N
         print(f"estimated time: about {_duration(total)} (from the last measured run of this profile on a "
               f"2-core CPU; more on a busier or smaller machine)", flush=True)
     elif todo_train or todo_eval:
-        print("estimated time: not measured for this profile (GPU days for the paper's grid)", flush=True)
+        print("estimated time: not measured for this profile (GPU days for the paper's grid; --plan times a "
+              "few steps on this machine's GPUs)", flush=True)
     print(f"progress: one line per stage and a status line every so often; complete logs in "
           f"{_rel(runs_dir / profile)}/<run>.*.log; results in {_rel(results_dir / profile)}/", flush=True)
+
+
+# Evaluation cost in network calls per image: samples x sampler steps, images x T for the bound.
+FIGURE_CHAINS = 40  # about: Figs. 6-8 draw this many chains of T steps (ddpm.evaluate.step_figures)
+SPLIT_SIZES = {"cifar10": {"test": 10_000, "train": 50_000}, "mnist": {"test": 10_000, "train": 60_000}}
+
+
+def eval_forwards(ev: Eval, cfg, profile: str) -> int:
+    """Network calls (one image each) of evaluation ``ev`` of a run of ``cfg`` at ``profile``."""
+    size, T = EVAL_SIZE[profile], cfg.diffusion.T
+    n = size["n"] * (ev.steps or T) if set(ev.metrics) & {"fid", "is", "kid"} else 0
+    for split in ("test", "train") if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
+        n += (size["nll_n"] or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
+    return n + (FIGURE_CHAINS * T if ev.figures else 0)
+
+
+class _Timer:
+    """Seconds per training step / per network call, timed once per distinct setting on the
+    first GPU (experiments.gpus); None where it ran out of memory."""
+
+    def __init__(self):
+        self.cache: Dict[str, Optional[float]] = {}
+
+    def _timed(self, what: str, cfg, k: int, fn) -> Optional[float]:
+        d = cfg.to_dict()
+        key = json.dumps([what, d["model"], d["data"]["resolution"], d["data"]["channels"], d["diffusion"],
+                          d["train"]["batch_size"], d["train"]["microbatch"], d["train"]["bf16"], k], sort_keys=True)
+        if key not in self.cache:
+            import torch
+
+            try:
+                self.cache[key] = fn()
+            except torch.cuda.OutOfMemoryError:
+                self.cache[key] = None
+                torch.cuda.empty_cache()
+        return self.cache[key]
+
+    def train(self, cfg, k: int) -> Optional[float]:
+        """GPU-seconds per training step over ``k`` GPUs: k x one GPU's step on its share."""
+        from .gpus import time_train_step
+
+        s = self._timed("train", cfg, k, lambda: time_train_step(cfg, k))
+        return None if s is None else s * k
+
+    def forward(self, cfg) -> Optional[float]:
+        from .gpus import time_forward
+
+        return self._timed("forward", cfg, 1, lambda: time_forward(cfg))
+
+
+def _print_schedule(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> None:
+    """--plan: every stage to do, its GPUs and GPU-hours from steps timed on this machine's first
+    GPU, and the schedule the GPU pool gives them, with the expected end; or, without a GPU,
+    the step counts. Starts nothing and writes nothing."""
+    timer = _Timer() if _POOL is not None else None
+    todo: List[Tuple[str, List[Stage]]] = []
+    notes: Dict[Tuple[str, str], str] = {}
+    print(f"\nthe stages to do ({'timed on this machine: ' + _gpu_name() if timer else 'no GPU here: nothing timed'}):",
+          flush=True)
+    for r in runs:
+        if same_as[r] != r:
+            continue
+        cfg = get_preset(*run_config_args(RUNS[r], profile))
+        stages = []
+        if not RUNS[r].released and not _finished(results_dir / profile / r / "train.json"):
+            done = (_stats_summary(runs_dir / profile / r)["last"] or {}).get("step", 0)
+            steps, k = cfg.train.steps - done, gpus_wanted(r, profile)
+            per_step = timer.train(cfg, k) if timer else None
+            local = cfg.train.batch_size // max(k, 1)
+            mb = cfg.train.microbatch if 0 < cfg.train.microbatch < local else local
+            notes[(r, "train")] = (f"{steps:,} steps to go at batch {cfg.train.batch_size}"
+                                   + (f" = {k} GPUs x {local}" if k > 1 else "")
+                                   + (f" in microbatches of {mb}" if mb < local else "")
+                                   + (f", {per_step / k:.3f} s/step" if per_step else
+                                      ", OUT OF MEMORY: lower train.microbatch (README, 'On GPUs')" if timer else ""))
+            stages.append(Stage("train", max(k, 1), steps * per_step / max(k, 1) if per_step else 0.0))  # wall s
+        for name, ev in evals[r].items():
+            if (results_dir / profile / r / name / "metrics.json").exists():
+                continue
+            calls = eval_forwards(ev, cfg, profile)
+            per_call = timer.forward(cfg) if timer else None
+            notes[(r, f"eval {name}")] = f"{calls:,} network calls" + (
+                f", {per_call * 1e3:.3f} ms each" if per_call else ", OUT OF MEMORY" if timer else "")
+            stages.append(Stage(f"eval {name}", 1, calls * per_call if per_call else 0.0))
+        if stages:
+            todo.append((r, stages))
+    if timer is None:
+        for (r, label), note in notes.items():
+            print(f"  {r:<20} {label:<22} {note}", flush=True)
+        print(f"--plan: nothing started (no GPU here: the runs would go {jobs} at a time on the CPU)", flush=True)
+        return
+    slots = simulate(_POOL.ids, todo, jobs)
+    for sl in slots:
+        gpu_h = (sl.end - sl.start) * len(sl.gpus) / 3600
+        print(f"  {sl.run:<20} {sl.label:<22} GPU {','.join(sl.gpus):<16} +{_duration(sl.start)} .. "
+              f"+{_duration(sl.end)}  {gpu_h:8.1f} GPU-h  ({notes[(sl.run, sl.label)]})", flush=True)
+    total = sum((sl.end - sl.start) * len(sl.gpus) for sl in slots) / 3600
+    end = max((sl.end for sl in slots), default=0.0)
+    unknown = [f"{r} {label}" for (r, label), note in notes.items() if "OUT OF MEMORY" in note]
+    print(f"total: {total:.1f} GPU-hours on {len(_POOL.ids)} GPU(s); expected end if started now: "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + end))} (in {_duration(end)})"
+          + (f"; not counted (out of memory when timed): {', '.join(unknown)}" if unknown else ""), flush=True)
+    print("(GPU-hours: steps x a few steps timed on one GPU x the run's GPUs; the all-reduce between GPUs, "
+          "data loading and checkpoints are not timed)", flush=True)
+    print("--plan: nothing started", flush=True)
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
 
 
 def _finished(record: Path) -> bool:
@@ -441,7 +654,13 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="passed to ddpm (default: $DDPM_DATA_DIR, else ./data)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained/evaluated in parallel (default: one per CPU core without a GPU, "
-                        "1 with a GPU); each gets OMP_NUM_THREADS = cores / jobs unless it is set")
+                        "one per GPU with GPUs); each gets OMP_NUM_THREADS = cores / jobs unless it is set")
+    p.add_argument("--gpus-per-run", type=int, default=None, metavar="K",
+                   help="GPUs per training run, over torchrun when K > 1 (default: 1; CelebA-HQ at the paper "
+                        "profile: 8); at most the visible GPUs, and a count the batch divides evenly")
+    p.add_argument("--plan", action="store_true",
+                   help="print the schedule (which stage on which GPUs), GPU-hours from a few steps timed on "
+                        "this machine's GPU and the expected end; start nothing")
     p.add_argument("--released-dir", default=str(ROOT / "released"),
                    help="where released models' diffusers folders are (e.g. released/ddpm-cifar10-32)")
     p.add_argument("--progress-every", type=float, default=60.0,
@@ -461,9 +680,11 @@ def main(argv=None) -> int:
     if elsewhere:
         p.error(f"{', '.join(elsewhere)}: not an experiment of the {profile} profile (only "
                 + "; ".join(f"{n}: {', '.join(EXPERIMENTS[n].profiles)}" for n in elsewhere) + ")")
+    if args.gpus_per_run is not None and args.gpus_per_run < 1:
+        p.error(f"--gpus-per-run {args.gpus_per_run}: must be at least 1")
     run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir,
                     jobs=args.jobs or default_jobs(), progress_every=args.progress_every,
-                    released_dir=Path(args.released_dir))
+                    released_dir=Path(args.released_dir), gpus_per_run=args.gpus_per_run, plan=args.plan)
     return 0
 
 

@@ -10,10 +10,10 @@ from experiments.registry import EXPERIMENTS, PROFILES, RUNS, run_config_args, r
 from ddpm.config import get_preset
 
 
-def write_run(base, profile, run, status="finished", evals=None, step=10):
+def write_run(base, profile, run, status="finished", evals=None, step=10, reason=None):
     d = base / profile / run
     d.mkdir(parents=True)
-    train = {"run": run, "profile": profile, "status": status, "data_note": "",
+    train = {"run": run, "profile": profile, "status": status, "data_note": "", "reason": reason,
              "config": {"train": {"batch_size": 128, "steps": step}, "diffusion": {"T": 1000}},
              "run_info": {"num_params": 35_746_307, "device_name": "test GPU", "dataset": "cifar10",
                           "dataset_size": 50000},
@@ -195,7 +195,8 @@ def test_sampler_steps_table_and_figure_sit_beside_the_ddim_papers_trend(tmp_pat
     t = report.sampler_steps_table(runs)
     rows = {(r[0], r[1]): r for r in t["rows"]}
     assert rows[("ddim", "10")][2:] == ["14.00", "0.010 +- 0.001", "13.36"]  # DDIM Table 1, eta 0, S = 10
-    assert rows[("respaced", "10")][4] == "41.07" and rows[("ancestral (all T steps)", "1000")][2] == "3.30"
+    # respaced and ancestral with the run's variance beta: the DDIM paper's sigma-hat row (3.17 at S = 1000)
+    assert rows[("respaced", "10")][4] == "367.43" and rows[("ancestral (all T steps)", "1000")][2:5:2] == ["3.30", "3.17"]
     assert [r[0] for r in t["rows"]] == ["respaced", "ancestral (all T steps)", "ddim", "ddim"]
     assert report.sampler_steps_figure(runs, tmp_path / "f.png").stat().st_size > 0
     # without fewer-step evaluations there is no such table
@@ -220,3 +221,40 @@ def test_the_released_weights_are_evaluated_not_trained_and_judged_only_when_pre
     rc, lines, out = _verdicts(tmp_path / "r2", capsys)
     assert rc == 1 and lines["released_cifar10.fid"].startswith("  FAIL")
     assert lines["released_cifar10.nll_test"].startswith("  ok")
+
+
+OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_a_failed_training_is_shown_as_failed_with_its_reason_never_as_unstable(tmp_path, capsys):
+    """mu_simple is a cell the paper reports as unstable: a crash there must not read as a reproduction."""
+    write_run(tmp_path, "paper", "eps_simple", evals=paper_like())
+    write_run(tmp_path, "paper", "mu_simple", status="failed", reason=OOM)
+    write_run(tmp_path, "paper", "eps_vlb", status="failed", reason=None)
+    write_run(tmp_path, "paper", "mu_vlb", status="diverged", step=77)
+    report.write_report(tmp_path, "paper")
+    md = (tmp_path / "paper" / "tables.md").read_text()
+    table2 = md.split("### Table 2")[1].split("###")[0]
+    mu_simple_row = next(ln for ln in table2.splitlines() if ln.startswith("| ") and "unstable)" in ln
+                         and "failed: torch.OutOfMemoryError" in ln)
+    assert mu_simple_row.count("unstable") == 1  # the paper's column only
+    assert "unstable (diverged near step 77)" in table2  # a real divergence still reads as such
+    runs_rows = md.split("### Runs")[1]
+    assert f"| mu_simple | failed: {OOM} |" in runs_rows and "| eps_vlb | failed: exit code ? |" in runs_rows
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    # a crash is not judged (it says nothing about the paper); the divergence of a run the paper trained is
+    assert rc == 1 and [n for n, ln in lines.items() if ln.startswith("  FAIL")] == ["mu_vlb.fid"], out
+    assert "diverged (near step 77)" in lines["mu_vlb.fid"]
+    assert lines["eps_vlb.fid"].startswith("  CHECK") and "no value" in lines["eps_vlb.fid"]
+    assert "training failed: exit code ?" in lines["eps_vlb.fid"]
+    (tmp_path / "paper" / "mu_vlb").rename(tmp_path / "mu_vlb")
+    write_run(tmp_path, "paper", "mu_vlb", status="failed", reason=OOM)
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert rc == 0 and f"no value (paper 13.22): training failed: {OOM}" in lines["mu_vlb.fid"], out
+
+
+def test_check_judges_the_main_evaluation_never_an_ablation_of_it(tmp_path, capsys):
+    evals = {"beta_tilde": paper_like(fid=3.17)["main"]}  # only the beta-tilde ablation exists
+    write_run(tmp_path, "paper", "eps_simple", evals=evals)
+    rc, lines, out = _verdicts(tmp_path, capsys)
+    assert "no value" in lines["eps_simple.fid"] and "not evaluated" in lines["eps_simple.fid"]

@@ -3,7 +3,9 @@
 The per-example randomness (t, noise, flips) comes from one generator that every rank
 advances over the whole global batch, and the data order is a function of the global
 stream position, so with dropout 0 the only difference between 1 and 2 processes is
-the float summation order of the gradient all-reduce.
+the float summation order of the gradient all-reduce. The two processes also accumulate
+their shares of the batch in microbatches (train.microbatch, DDP's no_sync): the update
+stays the same.
 """
 
 import json
@@ -37,12 +39,12 @@ def _worker(rank, world, port, folder, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    TR.train(tiny_config(Path(folder), **OVERRIDES), out, device="cpu", progress=False)
+    TR.train(tiny_config(Path(folder), **OVERRIDES, **{"train.microbatch": 2}), out, device="cpu", progress=False)
     assert not dist.is_initialized(), "train() must tear down the process group it created"
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_with_microbatches_equal_one(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", n=20)
     n = torch.get_num_threads()
     torch.set_num_threads(1)

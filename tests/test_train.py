@@ -274,3 +274,71 @@ def test_bf16_autocast_trains(images, tmp_path):
     assert len(stats) == 2 and all(np.isfinite(r["loss"]) for r in stats)
     # the stored weights stay float32 (autocast only changes the compute precision)
     assert all(v.dtype == torch.float32 for v in read_checkpoint(tmp_path / "run" / "final.pt")["model"].values())
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _gradient(cfg, x0, t, noise):
+    """The gradient optimisation_step applies (grad_clip 0: unclipped), from the seed's initial weights."""
+    state = TR.TrainState.create(cfg, torch.device("cpu"))
+    TR.optimisation_step(state, state.model, TR.build_diffusion(cfg), x0, t, noise, cfg.train)
+    return torch.cat([p.grad.double().flatten() for p in state.model.parameters()])
+
+
+@pytest.mark.parametrize("loss_type", ["simple", "vlb"])
+def test_accumulated_microbatches_give_the_full_batch_gradient(images, loss_type):
+    base = {"model.dropout": 0.0, "train.batch_size": 8, "train.grad_clip": 0.0, "diffusion.loss_type": loss_type}
+    cfg = tiny_config(images, **base)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
+    t = torch.randint(0, cfg.diffusion.T, (8,), generator=g)
+    noise = torch.randn(8, 3, 8, 8, generator=g)
+    # the reference: autograd on the whole batch's mean loss, outside optimisation_step
+    torch.manual_seed(TR.derive_seed(0, 0))
+    model = TR.build_model(cfg)
+    TR.build_diffusion(cfg).training_losses(model, x0, t, noise)["loss"].mean().backward()
+    full = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    assert torch.equal(_gradient(cfg, x0, t, noise), full)  # microbatch 0: the same computation
+    for mb in (1, 2, 4):
+        acc = _gradient(tiny_config(images, **base, **{"train.microbatch": mb}), x0, t, noise)
+        err = ((acc - full).norm() / full.norm()).item()
+        assert err < 1e-6, (mb, err)
+        assert (acc - full).abs().max().item() <= 1e-6 * full.abs().max().item(), mb
+
+
+def test_a_run_with_microbatches_equals_one_without(images, tmp_path):
+    extra = {"model.dropout": 0.0, "train.steps": 6, "train.batch_size": 8, "train.log_every": 3}
+    TR.train(tiny_config(images, **extra), tmp_path / "whole", device="cpu", progress=False)
+    TR.train(tiny_config(images, **extra, **{"train.microbatch": 2}), tmp_path / "acc", device="cpu", progress=False)
+    a, b = read_checkpoint(tmp_path / "whole" / "final.pt"), read_checkpoint(tmp_path / "acc" / "final.pt")
+    # Adam divides by the root of the squared gradients, which magnifies float-rounding differences
+    # in tiny gradients: 1e-5 as tests/test_ddp.py (6 steps move weights by up to about 8e-4)
+    assert_same_weights(a["model"], b["model"], exact=False, atol=1e-5)
+    assert_same_weights(a["ema"], b["ema"], exact=False, atol=1e-5)
+    s1 = [json.loads(x) for x in (tmp_path / "whole" / "stats.jsonl").read_text().splitlines()]
+    s2 = [json.loads(x) for x in (tmp_path / "acc" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in s1] == [r["step"] for r in s2] == [3, 6]
+    for x, y in zip(s1, s2):  # the same batches, t and noise: the same per-example losses
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+        assert x["loss_by_t_quarter"] == pytest.approx(y["loss_by_t_quarter"], rel=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_microbatch_must_divide_the_per_process_batch():
+    from ddpm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.microbatch=3 must divide train.batch_size=8"):
+        get_preset("tiny", ["train.batch_size=8", "train.microbatch=3"])
+    with pytest.raises(ConfigError, match="train.microbatch=-1"):
+        get_preset("tiny", ["train.microbatch=-1"])
+    tc = get_preset("tiny", ["train.batch_size=12", "train.microbatch=4"]).train
+    TR.check_batch_split(tc, 1)
+    TR.check_batch_split(tc, 3)  # 4 per process: one microbatch
+    with pytest.raises(ConfigError, match=r"per-process batch \(train.batch_size 12 / 2 processes = 6\)"):
+        TR.check_batch_split(tc, 2)
+    with pytest.raises(ConfigError, match="must be divisible by the number of processes"):
+        TR.check_batch_split(tc, 5)
+    assert get_preset("tiny", ["train.microbatch=64"]).train.microbatch == 64  # >= the batch: no accumulation
+    assert TR.microbatches(8, 0) == TR.microbatches(8, 16) == [slice(0, 8)]
+    assert TR.microbatches(8, 2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]

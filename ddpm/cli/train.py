@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import build_model
 from ..rundir import LAST, saved_config
-from ..train import TrainingDiverged, train
+from ..train import EXIT_DIVERGED, TrainingDiverged, train
 from ..unet import num_params
 from .options import (UsageError, add_config_args, add_device_arg, add_progress_arg, add_threads_arg,
                       resolve_config)
@@ -25,7 +25,9 @@ def add_subcommand(subparsers) -> None:
         "train", help="train a model (single process, or DDP under torchrun)",
         description="Train a preset (plus --set overrides) into a run directory. Multi-GPU / "
                     "multi-node: torchrun --nproc_per_node=N -m ddpm train ... (train.batch_size is "
-                    "the global batch).")
+                    "the global batch; --set train.microbatch=M runs each process's share in pieces of M "
+                    "images). Exit codes: 0 done, 2 a wrong request, 3 diverged (a non-finite loss), "
+                    "130 Ctrl-C.")
     add_config_args(p, preset_required=False)
     p.add_argument("--out", help="run directory (required unless --dry-run)")
     p.add_argument("--resume", action="store_true",
@@ -68,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
         res = train(cfg, args.out, resume=args.resume, data_dir=args.data_dir, download=args.download,
                     device=args.device, progress=not args.no_progress,
                     command="python -m ddpm " + shlex.join(getattr(args, "argv", sys.argv[1:])))
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # its own exit code: experiments.run records it as diverged
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
     if res.get("interrupted"):
         print(f"interrupted (Ctrl-C) at step {res['step']} of {cfg.train.steps}: saved "
               f"{Path(args.out) / LAST}; continue with: python -m ddpm train --out {args.out} --resume",
