@@ -66,6 +66,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".
 # front and kept in memory (CIFAR10-sized sets); larger ones (CelebA-HQ 256: 5.9 GB)
 # are decoded on the fly by DataLoader workers.
 IN_MEMORY_BYTES = 1 << 30
+CIFAR10_TEST_PER_CLASS = 1000  # the official test_batch holds 1,000 images of each class
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -263,12 +264,17 @@ def _cifar_export(subset: CifarSubset, split: str, data_dir) -> Optional[torch.T
     if split == "train":
         files = [folder / "train" / f"{i:05d}.png" for i in subset.train]
     else:  # every test image of the classes, in test_batch order (the file name is the index)
-        files = sorted((p for c in subset.test_classes for p in (folder / "test" / c).glob("*.png")),
-                       key=lambda p: int(p.stem))
+        per_class = {c: sorted((folder / "test" / c).glob("*.png")) for c in subset.test_classes}
+        short = {c: len(f) for c, f in per_class.items() if len(f) != CIFAR10_TEST_PER_CLASS}
+        if short:
+            raise DataError(f"the CIFAR10 export {folder} is incomplete: the test split needs "
+                            f"{CIFAR10_TEST_PER_CLASS} images in each of test/{{{','.join(subset.test_classes)}}}; "
+                            + ", ".join(f"test/{c} has {n}" for c, n in short.items()))
+        files = sorted((f for fs in per_class.values() for f in fs), key=lambda f: int(f.stem))
     absent = [f for f in files if not f.is_file()]
-    if absent or not files:
+    if absent:
         raise DataError(f"the CIFAR10 export {folder} is incomplete: {len(absent)} of the {split} images "
-                        f"are missing (e.g. {absent[0] if absent else folder / split})")
+                        f"are missing (e.g. {absent[0]})")
     reader = FolderImages(folder, 32, 3)
     reader.files = files
     _announce(f"CIFAR10 subset ({split}, PNG export)", folder)
@@ -403,8 +409,11 @@ def batch_stream(dataset, seed: int, start_step: int, global_batch: int, rank: i
                     step_indices(n, seed, step, global_batch, rank, world_size, cache))]
                 step += 1
         return gen()
+    # A generator of its own: iter(DataLoader) draws a base seed from it, which would otherwise
+    # advance the global torch RNG (the trainer's dropout stream) and break bit-exact resume.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_StepBatches(n, seed, start_step, global_batch, rank, world_size),
         num_workers=num_workers, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None, pin_memory=torch.cuda.is_available())
+        prefetch_factor=4 if num_workers > 0 else None, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed))
     return iter(loader)

@@ -264,7 +264,7 @@ def prepare(spec: EvalSpec) -> Evaluation:
     if var == VarType.LEARNED and diffusion.var_type != VarType.LEARNED:
         raise EvalError("--var learned needs a checkpoint trained with a learned variance")
     common = {"checkpoint": spec.checkpoint, "checkpoint_step": int(state.get("step", -1)), "ema": bool(spec.ema),
-              "variance": var.value, "steps": diffusion.T, "seed": int(spec.seed), "git_commit": git_commit(),
+              "variance": var.value, "T": diffusion.T, "seed": int(spec.seed), "git_commit": git_commit(),
               "device": device_description(device)}
     report = _start_report(spec, cfg, common, out_dir / "metrics.json")
     ev = Evaluation(spec, out_dir, device, cfg, model, diffusion, var, None if var == diffusion.var_type else var,

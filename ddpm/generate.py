@@ -46,7 +46,6 @@ from .sampling import ANCESTRAL, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT = "ddpm-samples-v1"
-SAMPLER = ANCESTRAL.describe(0)  # the paper's sampler (see ddpm.sampling.Sampler for the others)
 PIXEL_MAP = "clip to [-1, 1], x -> (x + 1) * 127.5, round to nearest integer, uint8"
 # The PNG folder of `python -m ddpm sample` (see the module docstring).
 PNG_IMAGES, PNG_GRID, PNG_RECORD = "images", "grid.png", "sample.json"

@@ -106,7 +106,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _inception_skeleton():
+def _inception_skeleton(layers=("2048",)):
     """torch-fidelity's InceptionV3 module with its random initialization (its constructor
     insists on loading weights; we hand it an empty dict and skip the load)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -118,7 +118,27 @@ def _inception_skeleton():
     buf = io.BytesIO()
     torch.save({}, buf)
     buf.seek(0)
-    return _Skeleton(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=buf)
+    return _Skeleton(FEATURE_EXTRACTOR, list(layers), feature_extractor_weights_path=buf)
+
+
+def _load_offline(path: Path, layers) -> torch.nn.Module:
+    """torch-fidelity's network with the weights file at ``path``, read with
+    torch.load(weights_only=True): torch-fidelity itself unpickles a given file fully, so a
+    shared weights file could run code; here it cannot. One-line FidelityError if it is not
+    such a file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: not a plain weights file
+        raise FidelityError(f"cannot read Inception weights {path} as plain tensors (torch.load with "
+                            f"weights_only=True: {str(e).splitlines()[0][:200]}); build them with "
+                            f"`python -m ddpm fid --build-inception-weights {path}`") from None
+    net = _inception_skeleton(layers)
+    try:
+        torch.nn.Module.load_state_dict(net, state)  # the skeleton's own load_state_dict is a no-op
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise FidelityError(f"{path} is not a torch-fidelity InceptionV3 state dict "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    return net
 
 
 def convert_fid_helper_state(ts_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -228,9 +248,9 @@ class Inception:
         def build(path):
             # offline weights have no logits layer: pool3 only (IS is then reported unavailable)
             self.layers = ["2048", "logits_unbiased"] if with_logits and path is None else ["2048"]
-            return FeatureExtractorInceptionV3(
-                FEATURE_EXTRACTOR, self.layers,
-                feature_extractor_weights_path=None if path is None else str(path), verbose=False)
+            if path is not None:
+                return _load_offline(path, self.layers)
+            return FeatureExtractorInceptionV3(FEATURE_EXTRACTOR, self.layers, verbose=False)
 
         try:
             net = build(self.path)

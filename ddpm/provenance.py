@@ -83,8 +83,9 @@ def git_commit() -> str:
 
 REPO = Path(__file__).resolve().parents[1]
 # An absolute path inside a string: starts at a "/" that follows a start, space, quote,
-# "(", "=", ":" or "," (not "//", as in a URL) and runs to the next such delimiter.
-_ABS = re.compile(r"(?:(?<=^)|(?<=[\s\"'(=:,\[]))/(?!/)(?:[^\s\"'(),:\[\]]+)")
+# "(", "=", ":" or "," (not "//", as in a URL), has at least two parts ("/a/b": a lone
+# "/step" or an HTML comment's "/tables:quick" is no path) and runs to the next delimiter.
+_ABS = re.compile(r"(?:(?<=^)|(?<=[\s\"'(=:,\[]))/(?!/)[^\s\"'(),:\[\]/]+/[^\s\"'(),:\[\]]+")
 
 
 def portable_path(path) -> str:
@@ -102,7 +103,7 @@ def portable_path(path) -> str:
         if base == Path("/"):
             break
         return str(Path(prefix) / rel) if prefix else (str(rel) if str(rel) != "." else ".")
-    return "<elsewhere>/" + "/".join(p.parts[-2:])
+    return "<elsewhere>/" + "/".join(p.parts[1:][-2:])
 
 
 def portable_text(text: str) -> str:

@@ -36,6 +36,14 @@ def _randn(shape, generator, device, dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _steps(steps, progress: bool, desc: str):
+    """``steps`` with a progress bar when asked."""
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=desc, unit="step", leave=False)
+    return steps
+
+
 @torch.no_grad()
 def p_sample(diffusion: GaussianDiffusion, model: Model, xt, t, generator=None,
              clip_x0: bool = True, var_type=None, noise=None):
@@ -73,11 +81,7 @@ def sample(diffusion: GaussianDiffusion, model: Model, shape, generator: Optiona
         x = x_start.to(device)
     record = set(int(i) for i in record)
     trace = {"pred_x0": {}, "xt": {}}
-    steps = range(t_start, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="sampling", unit="step", leave=False)
-    for i in steps:
+    for i in _steps(range(t_start, -1, -1), progress, "sampling"):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         if i in record:
             trace["xt"][i] = x.cpu()
@@ -106,11 +110,7 @@ def interpolate(diffusion: GaussianDiffusion, model: Model, x0_a, x0_b, t: int, 
     x_mix = (1 - lam) * xt[0:1] + lam * xt[1:2]
 
     out = x_mix
-    steps = range(t, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="interpolating", unit="step", leave=False)
-    for i in steps:
+    for i in _steps(range(t, -1, -1), progress, "interpolating"):
         ti = torch.full((n,), i, device=out.device, dtype=torch.long)
         # The same reverse noise for the whole row: drawn once, broadcast.
         z = _randn((1, *out.shape[1:]), generator, out.device, out.dtype).expand_as(out)
@@ -130,7 +130,7 @@ def timesteps(T: int, K: int, skip_type: str = "uniform") -> np.ndarray:
     if not 1 <= K <= T:
         raise ValueError(f"the number of steps must be in [1, {T}], got {K}")
     if skip_type == "uniform":
-        tau = np.floor(np.arange(K) * (T / K))
+        tau = (np.arange(K) * T) // K  # exact integer floor
     elif skip_type == "quadratic":
         tau = np.floor(np.linspace(0, np.sqrt(0.8 * T), K) ** 2)
     else:
@@ -154,11 +154,14 @@ def respace(diffusion: GaussianDiffusion, tau: Sequence[int]) -> GaussianDiffusi
 
 
 def _learned_fraction(diffusion: GaussianDiffusion, log_var, t):
-    """Where a learned log-variance lies between log beta-tilde_t and log beta_t (0..1):
-    what carries over to a respaced step (as improved-diffusion's learned range)."""
+    """Where a learned log-variance lies between log beta-tilde_t and log beta_t, clamped to
+    [0, 1]: what carries over to a respaced step (as improved-diffusion's learned range). Our
+    learned head is unconstrained; outside the interval a fraction would be extrapolated over
+    the much wider interval of the respaced step (e.g. 1% above beta_t at t = 100 of 1000
+    became 47x the respaced beta at K = 10), so it is clamped to the interval's ends."""
     lo = diffusion._extract(diffusion.posterior_log_variance_clipped, t, log_var)
     hi = diffusion._extract(diffusion.log_betas, t, log_var)
-    return (log_var - lo) / (hi - lo)
+    return ((log_var - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
 def _pred_x0(diffusion, model, x, t_orig, clip_x0):
@@ -167,11 +170,7 @@ def _pred_x0(diffusion, model, x, t_orig, clip_x0):
 
 
 def _loop(tau, progress, desc):
-    steps = range(len(tau) - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=desc, unit="step", leave=False)
-    return steps
+    return _steps(range(len(tau) - 1, -1, -1), progress, desc)
 
 
 @torch.no_grad()
@@ -210,8 +209,8 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence
     sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
     x0_hat is the network's prediction (clipped), eps_hat the noise consistent with it;
     at the last step abar_prev = 1, so the output is x0_hat."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0.0 <= eta <= 1.0:  # also rejects nan
+        raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM's beta-tilde), got {eta}")
     tau = np.asarray(tau, dtype=np.int64)
     ac = diffusion.alphas_cumprod[tau]
     ac_prev = np.append(1.0, ac[:-1])
@@ -222,7 +221,7 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence
         eps = diffusion.eps_from_x0(x, t, pred_x0)
         a, a_prev = float(ac[i]), float(ac_prev[i])
         sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
-        x = np.sqrt(a_prev) * pred_x0 + np.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+        x = np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev - sigma ** 2) * eps  # sigma^2 <= 1 - a_prev for eta <= 1
         if sigma > 0:
             x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
     return x
@@ -233,15 +232,13 @@ def ddim_encode(diffusion: GaussianDiffusion, model: Model, x0, tau: Sequence[in
                 progress: bool = False):
     """The deterministic DDIM ODE from data to latent (the DDIM paper's reconstruction
     experiment): x0 is taken as x at tau_0, then x_next = sqrt(abar_next) x0_hat +
-    sqrt(1 - abar_next) eps_hat up to tau_{K-1}. ``ddim_sample`` with eta = 0 decodes it."""
+    sqrt(1 - abar_next) eps_hat up to tau_{K-1}. ``ddim_sample`` with eta = 0 decodes it
+    approximately: both are first-order steps of the ODE, so the round trip is exact only
+    in the limit of small steps (and for a model whose x0_hat does not depend on x_t)."""
     tau = np.asarray(tau, dtype=np.int64)
     ac = diffusion.alphas_cumprod[tau]
     x = x0
-    steps = range(len(tau) - 1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="DDIM encoding", unit="step", leave=False)
-    for i in steps:
+    for i in _steps(range(len(tau) - 1), progress, "DDIM encoding"):
         t = torch.full((x.shape[0],), int(tau[i]), device=x.device, dtype=torch.long)
         pred_x0, _ = _pred_x0(diffusion, model, x, t, clip_x0)
         eps = diffusion.eps_from_x0(x, t, pred_x0)
@@ -284,8 +281,8 @@ class Sampler:
                              "--sampler respaced or ddim")
         if kind == SamplerKind.RESPACED and self.eta:
             raise ValueError("--eta belongs to --sampler ddim (respaced DDPM has its own variances)")
-        if self.eta < 0:
-            raise ValueError(f"--eta {self.eta}: must be >= 0")
+        if not 0.0 <= self.eta <= 1.0:  # also rejects nan and inf
+            raise ValueError(f"--eta {self.eta}: must be in [0, 1] (0: DDIM, 1: DDPM's beta-tilde variance)")
         if self.skip not in SKIP_TYPES:
             raise ValueError(f"--skip {self.skip!r}: one of {', '.join(SKIP_TYPES)}")
 

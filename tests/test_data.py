@@ -231,3 +231,24 @@ def test_rank_slices_concatenate_to_the_global_batch():
     with pytest.raises(ValueError, match="divisible"):
         D.batch_stream(D.TensorImages(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), "z"), 0, 0, 5,
                        rank=0, world_size=2)
+
+
+def test_an_incomplete_cifar10_export_is_an_error_not_fewer_images(shared_data, nowhere):
+    export = nowhere / "cut" / "cifar10-partial"
+    for c in ("airplane", "automobile", "ship"):  # the truck folder is missing
+        (export / "test" / c).mkdir(parents=True)
+        for f in sorted((shared_data / "cifar10-partial" / "test" / c).glob("*.png")):
+            (export / "test" / c / f.name).symlink_to(f)
+    with pytest.raises(D.DataError, match="incomplete.*test/truck has 0"):
+        D.split_images("cifar10", "test", nowhere / "cut", subset="partial")
+
+
+def test_the_dataloader_path_leaves_the_global_torch_rng_alone(tmp_path):
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
+    ds = D.FolderImages(tmp_path, 8, 3)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(D.batch_stream(ds, seed=1, start_step=0, global_batch=2, num_workers=0))
+    assert torch.equal(torch.rand(3), expected)  # dropout after a resume sees the same stream

@@ -12,6 +12,7 @@ import torch
 from ddpm import evaluate as E
 from ddpm import figures as FIG
 from ddpm.diffusion import GaussianDiffusion, make_betas
+from conftest import require_fid_helper
 
 
 def test_rate_distortion_sums_the_right_terms():
@@ -137,9 +138,9 @@ def test_eval_command_end_to_end(tiny_checkpoint, shared_data, tmp_path, capsys)
         assert printed["nll_test"]["value"] == m["results"]["nll_test"]["value"]
         nll, rd = m["results"]["nll_test"], m["results"]["rd"]
         for entry in (nll, rd):
-            for key in ("n", "variance", "ema", "seed", "git_commit", "device", "elapsed_s", "steps"):
+            for key in ("n", "variance", "ema", "seed", "git_commit", "device", "elapsed_s", "T"):
                 assert key in entry, key
-        assert nll["n"] == rd["n"] == 3 and nll["variance"] == var and nll["ema"] is True and nll["steps"] == 21
+        assert nll["n"] == rd["n"] == 3 and nll["variance"] == var and nll["ema"] is True and nll["T"] == 21
         assert nll["se"] > 0 and np.isfinite(nll["value"])
         parts = nll["L_T"]["mean"] + nll["L_0"]["mean"] + nll["kl_sum_L1_to_LTm1"]["mean"]
         assert parts == pytest.approx(nll["value"], rel=1e-9)
@@ -160,10 +161,7 @@ def test_eval_fid_offline_reports_is_unavailable(tiny_checkpoint, shared_data, t
     """FID/KID from generated samples against MNIST test, offline: IS must be null with a reason."""
     from ddpm import inception as F
 
-    try:
-        F.fid_helper_source()
-    except F.FidelityError as e:
-        pytest.skip(str(e))
+    require_fid_helper()
     w = F.build_inception_weights(tmp_path / "inception.pth")
     monkeypatch.setenv(F.ENV_CACHE, str(tmp_path / "cache"))
     rep = E.evaluate(tiny_checkpoint, ["fid", "kid", "is"], n=5, out_dir=tmp_path / "ev", data_dir=shared_data,

@@ -45,6 +45,8 @@ def process(mean_type="eps", var_type="beta"):
 def test_timesteps_follow_the_ddim_papers_selections():
     assert np.array_equal(timesteps(T, T), np.arange(T))
     assert np.array_equal(timesteps(1000, 10), np.arange(0, 1000, 100))
+    for K in range(1, 1001):  # exact integer floor of i T / K, never off by one
+        assert np.array_equal(timesteps(1000, K), [i * 1000 // K for i in range(K)]), K
     q = timesteps(1000, 10, "quadratic")
     assert q[0] == 0 and np.all(np.diff(q) > 0) and q[-1] == int(0.8 * 1000)
     assert np.array_equal(q, np.floor((np.arange(10) * np.sqrt(800) / 9) ** 2).astype(int))
@@ -73,15 +75,66 @@ def test_respaced_with_every_step_is_algorithm_2(mean_type, var_type):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("skip", ["uniform", "quadratic"])
+def test_respaced_with_beta_tilde_on_fewer_steps_is_ddim_with_eta_1(skip):
+    """On a subsequence the respaced process's posterior variance is DDIM's sigma at eta = 1
+    and its posterior mean is Eq. 12's: the same noise gives the same samples."""
+    d = process("eps", "beta_tilde")
+    model = gaussian_oracle(d)
+    tau = timesteps(T, 7, skip)
+    ours = respaced_sample(d, model, (256, 1, 4, 4), tau, torch.Generator().manual_seed(2))
+    ddim = ddim_sample(d, model, (256, 1, 4, 4), tau, eta=1.0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours, ddim, rtol=0, atol=1e-5)
+    full = respaced_sample(d, model, (256, 1, 4, 4), np.arange(T), torch.Generator().manual_seed(2))
+    assert (ours - full).abs().max() > 1e-3  # fewer steps really are another chain
+
+
+def test_a_learned_variance_keeps_its_place_between_the_bounds_on_fewer_steps():
+    d = process("eps", "learned")
+    tau = timesteps(T, 5)
+    seen = []
+    for frac, expect in ((0.3, 0.3), (-2.0, 0.0), (5.0, 1.0)):  # inside, below, above the interval
+        ab = torch.from_numpy(d.alphas_cumprod)
+
+        def model(x, t, frac=frac):
+            a2 = ab[t].to(x.dtype).view(-1, 1, 1, 1)
+            eps = (1 - a2).sqrt() * x / (a2 * S ** 2 + 1 - a2)
+            lo = torch.from_numpy(d.posterior_log_variance_clipped)[t].to(x.dtype).view(-1, 1, 1, 1)
+            hi = torch.from_numpy(d.log_betas)[t].to(x.dtype).view(-1, 1, 1, 1)
+            return torch.cat([eps, (lo + frac * (hi - lo)).expand_as(eps)], 1)
+
+        x_T = torch.randn(4096, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        # one respaced step from the last index: x = mean + sigma z, so sigma^2 = Var(x - mean)
+        one = respaced_sample(d, model, x_T.shape, tau[-2:], torch.Generator().manual_seed(1), x_start=x_T)
+        seen.append(one)
+        from ddpm.sampling import _learned_fraction
+
+        t = torch.full((4,), int(tau[-1]))
+        got = _learned_fraction(d, model(x_T[:4], t)[:, 1:], t)
+        assert torch.allclose(got, torch.full_like(got, expect), atol=1e-9), (frac, got.flatten())
+    assert not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1], seen[2])
+
+
 def test_a_fixed_variance_replaces_the_learned_one_in_the_respaced_process_too():
     d = process("eps", "learned")
     model = gaussian_oracle(d, "eps", learned=True)
     tau = timesteps(T, 10)
     a = respaced_sample(d.with_variance("beta_tilde"), model, (8, 1, 4, 4), tau, torch.Generator().manual_seed(1))
-    b = respaced_sample(d, model, (8, 1, 4, 4), tau, torch.Generator().manual_seed(1))
-    assert not torch.allclose(a, b)
+    b = respaced_sample(process("eps", "beta_tilde"), gaussian_oracle(d), (8, 1, 4, 4), tau,
+                        torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)  # exactly the fixed-variance process: the learned channels are ignored
     with pytest.raises(ValueError, match="learned"):
         process("eps", "beta").with_variance("learned")
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan"), float("inf")])
+def test_eta_outside_0_1_is_refused(eta):
+    from ddpm.sampling import Sampler
+
+    with pytest.raises(ValueError, match="eta"):
+        Sampler("ddim", 5, eta)
+    with pytest.raises(ValueError, match="eta"):
+        ddim_sample(process(), gaussian_oracle(process()), (1, 1, 2, 2), timesteps(T, 5), eta=eta)
 
 
 def test_ddim_with_eta_1_and_every_step_is_algorithm_2_with_beta_tilde():

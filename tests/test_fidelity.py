@@ -17,16 +17,14 @@ from ddpm import fidelity as F
 from ddpm import inception as I
 from ddpm.data import FolderImages
 from ddpm.sources import load_images
+from conftest import require_fid_helper
 
 N_HALF = 50
 
 
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
-    try:
-        I.fid_helper_source()
-    except I.FidelityError as e:
-        pytest.skip(str(e))
+    require_fid_helper()
     return I.build_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
 
 
@@ -257,3 +255,23 @@ def test_a_failed_download_falls_back_to_the_converted_weights_and_says_so(tmp_p
     (tmp_path / I.CONVERTED_NAME).unlink()
     with pytest.raises(I.FidelityError, match="could not download.*fallback is unavailable: not installed"):
         I.Inception()
+
+
+def test_a_weights_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": Evil()}, evil)
+    with pytest.raises(I.FidelityError, match="weights_only=True") as e:
+        I.Inception(evil)
+    assert not marker.exists() and "\n" not in str(e.value)
+    junk = tmp_path / "junk.pth"
+    torch.save({"not": torch.zeros(1)}, junk)
+    with pytest.raises(I.FidelityError, match="not a torch-fidelity InceptionV3 state dict"):
+        I.Inception(junk)

@@ -27,6 +27,7 @@ from ddpm.loading import load_model
 from ddpm.config import Config, build_diffusion, build_model, get_preset
 from ddpm.sampling import p_sample
 from ddpm.unet import num_params
+from conftest import require_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for the hub here
 
@@ -116,7 +117,7 @@ def _same_outputs(ours, theirs, x, t):
 
 @pytest.fixture(scope="module")
 def diffusers():
-    return pytest.importorskip("diffusers", reason="the parity tests need diffusers: pip install diffusers")
+    return require_module("diffusers", "the parity tests need diffusers: pip install diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +272,7 @@ def test_bad_folders_give_clear_errors(tmp_path):
 
 
 def test_safetensors_reader_matches_the_package(tmp_path):
-    st = pytest.importorskip("safetensors.torch", reason="needs the safetensors package (comes with diffusers)")
+    st = require_module("safetensors.torch", "needs the safetensors package (comes with diffusers)")
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
                "d": torch.randn(2, 2, 1, 1).half()}
     st.save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
@@ -416,7 +417,7 @@ def test_export_raw_weights_and_bare_safetensors_through_the_command_line(tmp_pa
 
 
 def test_safetensors_writer_matches_the_package(tmp_path):
-    st = pytest.importorskip("safetensors.torch", reason="needs the safetensors package (comes with diffusers)")
+    st = require_module("safetensors.torch", "needs the safetensors package (comes with diffusers)")
     from safetensors import safe_open
 
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),

@@ -41,3 +41,9 @@ def test_committed_results_hold_no_absolute_path_of_a_machine():
                 found[str(f.relative_to(REPO))] = hits[:3]
     assert not found, found
     assert _absolute_paths(f"x {REPO}/runs y")  # the scan itself finds one
+
+
+def test_text_that_only_looks_like_a_path_is_left_alone():
+    for text in ("<!-- /tables:quick -->", "loss /step", "a / b", "ratio 1/2", "https://example.org/a/b"):
+        assert P.portable_text(text) == text
+    assert P.portable_path("/x") == "<elsewhere>/x"
