@@ -47,7 +47,7 @@ RD_DEFINITION = (
 TERMS = ("total_bpd_b", "prior_bpd_b", "terms_bpd_bt", "mse_bt")  # what bound_terms returns, per image
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bound_terms(model: Model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 16,
                 var_type=None, clip_x0: bool = True, seed: int = 0, device="cpu", max_batch: int = 256,
                 on_batch: Optional[Callable[[int], None]] = None) -> Dict[str, np.ndarray]:

@@ -391,7 +391,7 @@ class GaussianDiffusion:
         kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var))
         return mean_flat(kl) / math.log(2.0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def calc_bpd_loop(self, model: Model, x0, clip_x0: bool = True, var_type=None,
                       max_batch: int = 256, generator: Optional[torch.Generator] = None,
                       progress: bool = False):

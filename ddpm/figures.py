@@ -57,7 +57,7 @@ def reverse_indices(T: int, k: int) -> list:
     return sorted({int(round(v)) for v in np.linspace(T - 1, 0, k)}, reverse=True)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def progressive_generation(diffusion: GaussianDiffusion, model: Model, shape, path, generator=None,
                            device="cpu", n_cols: int = 10, var_type=None, progress=False) -> np.ndarray:
     """Fig. 6: rows = samples (``shape[0]`` of them), columns = predicted x_0 at ``n_cols``
@@ -71,7 +71,7 @@ def progressive_generation(diffusion: GaussianDiffusion, model: Model, shape, pa
     return grid
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def shared_latent(diffusion: GaussianDiffusion, model: Model, image_shape, path, generator=None,
                   device="cpu", fractions=(1.0, 0.75, 0.5, 0.25), n_samples: int = 3, var_type=None,
                   progress=False) -> Dict[int, np.ndarray]:
@@ -102,7 +102,7 @@ def shared_latent(diffusion: GaussianDiffusion, model: Model, image_shape, path,
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def interpolation(diffusion: GaussianDiffusion, model: Model, pairs, path, t: Optional[int] = None,
                   lambdas=tuple(np.round(np.linspace(0, 1, 11), 2)), generator=None, device="cpu",
                   var_type=None, progress=False) -> np.ndarray:

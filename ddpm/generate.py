@@ -83,7 +83,7 @@ def _read_shard(path: Path, expected_n: int, image_shape) -> np.ndarray:
     return images
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int],
                  seed: int, index: int, device="cpu", var_type=None, clip_x0: bool = True,
                  progress: bool = False, sampler: Sampler = ANCESTRAL) -> np.ndarray:

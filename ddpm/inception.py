@@ -273,7 +273,7 @@ class Inception:
                             if self.offline else "online: torch-fidelity's released weights"),
                 "channels": CHANNELS_NOTE}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def features(self, images: torch.Tensor, batch_size: int = 50, progress: bool = False,
                  desc: str = "inception") -> Dict[str, torch.Tensor]:
         """{layer: [N, d] float32} for uint8 images [N, C, H, W] (C = 1 or 3)."""

@@ -44,7 +44,7 @@ def _steps(steps, progress: bool, desc: str):
     return steps
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def p_sample(diffusion: GaussianDiffusion, model: Model, xt, t, generator=None,
              clip_x0: bool = True, var_type=None, noise=None):
     """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t=1.
@@ -56,7 +56,7 @@ def p_sample(diffusion: GaussianDiffusion, model: Model, xt, t, generator=None,
     return out["mean"] + nonzero * torch.exp(0.5 * out["log_var"]) * noise, out["pred_x0"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(diffusion: GaussianDiffusion, model: Model, shape, generator: Optional[torch.Generator] = None,
            device="cpu", x_start: Optional[torch.Tensor] = None, t_start: Optional[int] = None,
            clip_x0: bool = True, var_type=None, record: Iterable[int] = (), progress: bool = False):
@@ -91,7 +91,7 @@ def sample(diffusion: GaussianDiffusion, model: Model, shape, generator: Optiona
     return x, trace
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def interpolate(diffusion: GaussianDiffusion, model: Model, x0_a, x0_b, t: int, lambdas,
                 generator: Optional[torch.Generator] = None, var_type=None, progress=False):
     """Fig. 8: x_t^a, x_t^b ~ q(x_t | x_0) (shared noise draw per pair), then decode
@@ -173,7 +173,7 @@ def _loop(tau, progress, desc):
     return _steps(range(len(tau) - 1, -1, -1), progress, desc)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def respaced_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence[int],
                     generator: Optional[torch.Generator] = None, device="cpu", x_start=None,
                     clip_x0: bool = True, progress: bool = False):
@@ -200,7 +200,7 @@ def respaced_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequ
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence[int], eta: float = 0.0,
                 generator: Optional[torch.Generator] = None, device="cpu", x_start=None,
                 clip_x0: bool = True, progress: bool = False):
@@ -227,7 +227,7 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ddim_encode(diffusion: GaussianDiffusion, model: Model, x0, tau: Sequence[int], clip_x0: bool = False,
                 progress: bool = False):
     """The deterministic DDIM ODE from data to latent (the DDIM paper's reconstruction
