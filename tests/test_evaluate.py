@@ -324,6 +324,7 @@ def test_git_commit_flags_uncommitted_changes_to_the_library_only(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(Path(E.__file__).parent, repo / "ddpm", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "notes.txt").write_text("a\n")
+    (repo / ".gitignore").write_text("__pycache__/\n")  # as the project's: importing writes bytecode
     _git(repo, "init", "-q")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "scratch")
