@@ -50,7 +50,7 @@ def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1)
     pick = np.random.RandomState(seed).choice(pool, size["n"], replace=False)
     real = everything[pick]
     m = compute_metrics(real, ref, ("fid", "kid"), weights=weights, reference_key=ref_key,
-                        reference_desc=ref_desc, progress=True)
+                        reference_desc=ref_desc, progress=False)
     return {"family": family, "profile": profile, "fid": m["fid"], "kid": m["kid"], "kid_std": m["kid_std"],
             "n": int(real.shape[0]), "n_reference": m["n_reference"], "reference": m["reference"],
             "real_images": f"{spec}: {len(pick)} images outside the reference subset, numpy "

@@ -255,12 +255,19 @@ def _copy_samples(out: Path, dest: Path) -> None:
         shutil.copy2(grids[-1], dest / "samples.png")
 
 
-def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_dir: Optional[str]) -> dict:
-    """Train (or resume, or skip) one run; returns its train.json record."""
+def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_dir: Optional[str],
+              need_checkpoint: bool = False) -> dict:
+    """Train (or resume, or skip) one run; returns its train.json record. ``need_checkpoint``:
+    evaluations remain, so a run that results/ records as finished is trained again when its
+    checkpoint is not on this machine (runs/ is not in git; training is deterministic)."""
     run = RUNS[name]
     out = runs_dir / profile / name
     record_path = results_dir / profile / name / "train.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() else None
+    if (previous and previous["status"] == "finished" and need_checkpoint and not (out / FINAL).exists()):
+        _say(f"retrain {name}: results/ record it as finished, but its checkpoint {_rel(out / FINAL)} is not "
+             f"on this machine and evaluations remain")
+        previous = None
     if previous and previous["status"] in ("finished", "diverged"):
         _say(f"skip  {name} train: {previous['status']} earlier")
         _copy_samples(out, record_path.parent)
@@ -461,8 +468,10 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
             if src != r:
                 _say(f"reuse {r}: same config as {src} at this profile")
             released = RUNS[r].released and released_dir / RUNS[r].released
+            todo = [ev for ev in evals[r].values()
+                    if not (results_dir / profile / src / ev.name / "metrics.json").exists()]
             record = (released_run(r, profile, results_dir, released_dir) if released
-                      else train_run(src, profile, runs_dir, results_dir, data_dir))
+                      else train_run(src, profile, runs_dir, results_dir, data_dir, need_checkpoint=bool(todo)))
             outcome[r].append(f"train {record['status']}")
             if src != r:
                 _reuse(src, r, record, profile, results_dir)

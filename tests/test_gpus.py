@@ -213,6 +213,19 @@ def test_any_other_failure_is_failed_with_its_reason_and_retried(tmp_path, monke
     assert rec["status"] == "finished" and rec["reason"] is None
 
 
+def test_a_finished_run_whose_checkpoint_is_absent_is_trained_again_when_evaluations_remain(tmp_path, monkeypatch):
+    """A fresh clone: results/ (in git) say the run finished, runs/ (not in git) is empty."""
+    fake = FakeDdpm()
+    _train(tmp_path, monkeypatch, fake)
+    (tmp_path / "runs" / "smoke" / "mu_simple" / "final.pt").unlink()
+    _train(tmp_path, monkeypatch, fake)  # nothing left to evaluate: the record stands, nothing runs
+    assert len(fake.calls) == 1
+    monkeypatch.setattr(R, "_call", fake)
+    rec = R.train_run("mu_simple", "smoke", tmp_path / "runs", tmp_path / "results", None, need_checkpoint=True)
+    assert len(fake.calls) == 2 and rec["status"] == "finished"
+    assert (tmp_path / "runs" / "smoke" / "mu_simple" / "final.pt").exists()
+
+
 # -------------------------------------------------------------------- whole schedules
 
 
