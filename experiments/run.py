@@ -505,10 +505,13 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
 
 def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> None:
     """What will run, where its output goes, and how long it should take."""
-    todo_train = [r for r in runs if same_as[r] == r and not RUNS[r].released
-                  and not _finished(results_dir / profile / r / "train.json")]
     todo_eval = [(r, e) for r in runs if same_as[r] == r for e in evals[r]
                  if not (results_dir / profile / r / e / "metrics.json").exists()]
+    # to train: not finished, or finished elsewhere (results/ in git) without its checkpoint here
+    # while evaluations of it remain (train_run's need_checkpoint)
+    todo_train = [r for r in runs if same_as[r] == r and not RUNS[r].released
+                  and (not _finished(results_dir / profile / r / "train.json")
+                       or (not (runs_dir / profile / r / FINAL).exists() and any(t[0] == r for t in todo_eval)))]
     threads = (_CHILD_ENV or os.environ).get("OMP_NUM_THREADS", "default")
     print(f"plan ({profile} profile): {len(runs)} runs ({len(todo_train)} to train), "
           f"{sum(len(v) for v in evals.values())} evaluations ({len(todo_eval)} to do), "
@@ -522,7 +525,9 @@ def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> N
     for r in runs:
         note = f"same config as {same_as[r]}: reused" if same_as[r] != r else (
             "released weights, not trained" if RUNS[r].released else
-            "trained earlier" if r not in todo_train else "to train")
+            "trained earlier" if r not in todo_train else
+            "to train (again: its checkpoint is not on this machine)" if _finished(results_dir / profile / r / "train.json")
+            else "to train")
         print(f"  {r:<20} {note}; evaluations: {', '.join(evals[r])}", flush=True)
     est = EST_SECONDS.get(profile)
     if est and (todo_train or todo_eval):
