@@ -24,6 +24,7 @@ from ddpm.checkpoint import read_checkpoint
 from ddpm.config import Config, apply_overrides
 from ddpm.data import TensorImages, to_model_range
 from ddpm.diffusion import GaussianDiffusion
+from test_train import one_thread  # noqa: F401 - the module's tests run single-threaded
 
 C, R = 3, 8
 
@@ -104,14 +105,6 @@ def probe_run(tmp_path, monkeypatch, **overrides):
     rec["stats"] = [json.loads(ln) for ln in (out / "stats.jsonl").read_text().splitlines()]
     assert len(rec["models"]) == 1 and len(rec["batches"]) == len(rec["opt_steps"]) == cfg.train.steps
     return rec
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
