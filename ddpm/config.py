@@ -327,24 +327,41 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
          "train.steps": 4690, "train.warmup": 500, "train.ema_decay": 0.999,
          "train.sample_every": 1000, "train.ckpt_every": 1000},
     ),
-    "mnist-cpu": (
-        "Scaled down for a 2-core CPU: MNIST, 1.1M-param UNet, T=1000, 1000 steps at batch 128 "
-        "(about 2 epochs) with bf16 autocast; about 35 min on one busy shared core (--threads 1).",
-        # bf16 autocast: 1.65x the fp32 throughput on this AVX512-BF16 CPU (1 thread, batch 128).
+    # The scaled profiles of the reproduction (experiments/registry.py names them): everything a
+    # run of that profile trains with, in one place. quick: a 2-core CPU; smoke: seconds, for CI.
+    "quick-mnist": (
+        "The quick profile's MNIST runs (2-core CPU): 28x28, 1.1M-param UNet (ch 32, (1, 2, 2), "
+        "attention at 7x7), T=1000, 500 steps at batch 128 with bf16 autocast (1.65x fp32 here).",
         {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
          "model.ch": 32, "model.ch_mult": (1, 2, 2), "model.num_res_blocks": 1,
-         "model.attn_resolutions": (7,), "train.steps": 1000, "train.batch_size": 128,
-         "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
-         "train.sample_every": 500, "train.ckpt_every": 250, "train.bf16": True},
+         "model.attn_resolutions": (7,), "train.steps": 500, "train.batch_size": 128,
+         "train.warmup": 100, "train.ema_decay": 0.99, "train.log_every": 20,
+         "train.sample_every": 500, "train.ckpt_every": 100, "train.bf16": True},
     ),
-    "cifar10-cpu": (
-        "Scaled down for a 2-core CPU: 32x32 RGB, 1.5M-param UNet, T=1000, on the CIFAR10 subset "
-        "'partial' (training images 0..3999; for test NLL the 4,000 test images of 4 classes), read "
-        "from torchvision's CIFAR10 or from its PNG export (see ddpm/data.py).",
+    "quick-cifar10": (
+        "The quick profile's CIFAR10 runs (2-core CPU): 32x32 RGB, 1.5M-param UNet, T=1000, 500 steps "
+        "at batch 64 with bf16 autocast, on the CIFAR10 subset 'partial' (training images 0..3999; for "
+        "test NLL the 4,000 test images of 4 classes), read from torchvision's CIFAR10 or its PNG export.",
         {"data.dataset": "cifar10", "data.subset": "partial",
-         "model.ch": 32, "model.num_res_blocks": 1, "train.steps": 1500, "train.batch_size": 64,
-         "train.warmup": 200, "train.ema_decay": 0.995, "train.log_every": 25,
-         "train.sample_every": 500, "train.ckpt_every": 250},
+         "model.ch": 32, "model.num_res_blocks": 1, "train.steps": 500, "train.batch_size": 64,
+         "train.warmup": 100, "train.ema_decay": 0.99, "train.log_every": 20,
+         "train.sample_every": 500, "train.ckpt_every": 100, "train.bf16": True},
+    ),
+    "smoke-mnist": (
+        "The smoke profile's MNIST runs (CI, seconds): a tiny UNet, T=40, 4 steps at batch 8.",
+        {"data.dataset": "mnist", "data.resolution": 28, "data.channels": 1, "data.hflip": False,
+         "data.num_workers": 0, "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
+         "model.attn_resolutions": (), "diffusion.T": 40, "train.steps": 4, "train.batch_size": 8,
+         "train.warmup": 2, "train.ema_decay": 0.5, "train.log_every": 1, "train.sample_every": 4,
+         "train.ckpt_every": 2},
+    ),
+    "smoke-cifar10": (
+        "The smoke profile's CIFAR10 runs (CI, seconds): the CIFAR10 subset 'partial', a tiny UNet, "
+        "T=40, 4 steps at batch 8.",
+        {"data.dataset": "cifar10", "data.subset": "partial", "data.num_workers": 0,
+         "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+         "diffusion.T": 40, "train.steps": 4, "train.batch_size": 8, "train.warmup": 2,
+         "train.ema_decay": 0.5, "train.log_every": 1, "train.sample_every": 4, "train.ckpt_every": 2},
     ),
     "tiny": (
         "Tiny and fast, for tests: MNIST, a 0.65M-param UNet, T=100, 20 steps.",

@@ -35,14 +35,14 @@ import torch
 
 # name -> (preset, overrides)
 MODELS = {
-    "mnist-cpu": ("mnist-cpu", []),  # ch 32, (1,2,2), 1 res block, attn at 7: 1.1M
-    "mnist-ch32-noattn": ("mnist-cpu", ["model.attn_resolutions="]),
-    "mnist-ch32-rb2": ("mnist-cpu", ["model.num_res_blocks=2"]),
-    "mnist-ch64": ("mnist-cpu", ["model.ch=64"]),
-    "mnist-ch16": ("mnist-cpu", ["model.ch=32"]),  # rebuilt at ch 16 below (speed only)
-    "cifar-cpu": ("cifar10-cpu", []),  # ch 32, (1,2,2,2), 1 res block, attn at 16: 1.5M
-    "cifar-ch32-122": ("cifar10-cpu", ["model.ch_mult=1,2,2", "model.attn_resolutions=8"]),
-    "cifar-ch64": ("cifar10-cpu", ["model.ch=64"]),
+    "mnist-cpu": ("quick-mnist", []),  # ch 32, (1,2,2), 1 res block, attn at 7: 1.1M
+    "mnist-ch32-noattn": ("quick-mnist", ["model.attn_resolutions="]),
+    "mnist-ch32-rb2": ("quick-mnist", ["model.num_res_blocks=2"]),
+    "mnist-ch64": ("quick-mnist", ["model.ch=64"]),
+    "mnist-ch16": ("quick-mnist", ["model.ch=32"]),  # rebuilt at ch 16 below (speed only)
+    "cifar-cpu": ("quick-cifar10", []),  # ch 32, (1,2,2,2), 1 res block, attn at 16: 1.5M
+    "cifar-ch32-122": ("quick-cifar10", ["model.ch_mult=1,2,2", "model.attn_resolutions=8"]),
+    "cifar-ch64": ("quick-cifar10", ["model.ch=64"]),
 }
 
 

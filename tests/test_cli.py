@@ -70,7 +70,7 @@ def test_dry_run_cifar10_is_the_paper_setup(capsys, monkeypatch, tmp_path):
 
 
 def test_dry_run_applies_overrides(capsys):
-    rc, out, _ = run(capsys, "train", "--preset", "mnist-cpu", "--dry-run",
+    rc, out, _ = run(capsys, "train", "--preset", "quick-mnist", "--dry-run",
                      "--set", "diffusion.var_type=beta_tilde", "--set", "train.steps=7")
     cfg = json.loads(out)
     assert rc == 0 and cfg["diffusion"]["var_type"] == "beta_tilde" and cfg["train"]["steps"] == 7
