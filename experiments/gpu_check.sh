@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, for one lent GPU (about 4 minutes on one H100):
+# The GPU check, for one lent GPU (about 7 minutes on one H100/H200; prepare and test on the CPU
+# first, run it once as one command):
 #   1. the parity tests of tests/test_official.py on CUDA (our UNet vs diffusers'
 #      UNet2DModel in the released configurations, and our UNet on CUDA vs on the CPU);
 #   2. experiments/benchmark_speed.py on CUDA for the CIFAR10 model at batch 128:
 #      training steps/s in fp32, bf16, bf16 + channels_last and bf16 + torch.compile,
-#      and 1000-step sampling images/s at batch 1024 (10 steps timed, extrapolated).
+#      and 1000-step sampling images/s at batch 1024 (10 steps timed, extrapolated);
+#   3. experiments/activation_memory.py --device cuda: measured activation memory per image of the
+#      CIFAR10 and CelebA-HQ 256 UNets (fp32, bf16) and the train.microbatch that fits 40/80 GB;
+#   4. `python -m experiments.run --all --profile paper --plan`: the schedule over this machine's
+#      GPUs with GPU-hours from a few timed steps of each configuration.
 # The paper's reference: 21 training steps/s at batch 128 on a TPU v3-8.
 #
 # Needs only torch and this repository. diffusers (and pytest) are used where they are
@@ -46,10 +51,19 @@ echo
 echo "== 2. speed, CIFAR10 model (35.7M), training batch 128, sampling batch 1024"
 # torch.compile is measured for our UNet only (compiling diffusers' too would double the
 # compile time); fp32 keeps PyTorch's defaults (TF32 in cuDNN convolutions, not in matmul).
-timeout 330 python experiments/benchmark_speed.py --device cuda --model cifar10 \
+timeout 270 python experiments/benchmark_speed.py --device cuda --model cifar10 \
     --batch 128 --sample-batch 1024 --steps 10 --repeats 3 --train-chunk 10 \
     --variants fp32,bf16,bf16+cl,bf16+compile --diffusers-variants fp32,bf16,bf16+cl \
     --out "$OUT_DIR/benchmark_cifar10_b128.json" 2>&1 | tee "$OUT_DIR/benchmark.txt"
+
+echo
+echo "== 3. activation memory per training image, measured (peak of whole steps), and the microbatch that fits"
+timeout 90 python -m experiments.activation_memory --device cuda --bf16 both \
+    --out "$OUT_DIR/activation_memory.json" 2>&1 | tee "$OUT_DIR/activation_memory.txt" || true
+
+echo
+echo "== 4. the paper profile's plan on this GPU (times a few steps of each configuration; starts nothing)"
+timeout 120 python -m experiments.run --all --profile paper --plan 2>&1 | tee "$OUT_DIR/plan.txt" || true
 
 if [ "$parity_rc" != 0 ]; then
     echo "PARITY TESTS FAILED (pytest exit code $parity_rc): see $OUT_DIR/parity.txt" >&2
