@@ -531,7 +531,9 @@ def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> N
         print(f"  {r:<20} {note}; evaluations: {', '.join(evals[r])}", flush=True)
     est = EST_SECONDS.get(profile)
     if est and (todo_train or todo_eval):
-        total = (len(todo_train) * est["train"] + len(todo_eval) * est["eval"]) / jobs
+        # a fewer-step evaluation (FID/KID only, K << T steps) costs a small part of a main one
+        cost = {(r, e): est["eval"] * (0.1 if evals[r][e].steps else 1.0) for r, e in todo_eval}
+        total = (len(todo_train) * est["train"] + sum(cost.values())) / jobs
         print(f"estimated time: about {_duration(total)} (from the last measured run of this profile on a "
               f"2-core CPU; more on a busier or smaller machine)", flush=True)
     elif todo_train or todo_eval:
