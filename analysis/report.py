@@ -185,7 +185,8 @@ def _sampler_points(r: RunResult) -> Dict[str, Dict[int, Dict[str, dict]]]:
         run = m.get("run", {})  # results before sampler_spec existed: ancestral over all T steps
         spec = fid.get("sampler_spec") or {"sampler": "ancestral", "steps": run.get("T", run.get("steps"))}
         if spec.get("steps") is not None:
-            out.setdefault(spec["sampler"], {})[int(spec["steps"])] = {"fid": fid, "kid": res.get("kid")}
+            out.setdefault(spec["sampler"], {})[int(spec["steps"])] = {
+                "fid": fid, "kid": res.get("kid"), "commit": run.get("git_commit")}
     return out
 
 
@@ -208,10 +209,23 @@ def sampler_steps_table(runs: Dict[str, RunResult]) -> Optional[Table]:
             "header": ["sampler", "K", "FID", "KID", f"DDIM paper Table 1 FID (CIFAR10, 50k; ddim: eta 0, "
                        f"others: {P.DDIM_ROW_FOR.get(var, '?')})"],
             "rows": rows,
-            "notes": _scale_notes([r]) + [
+            "notes": _scale_notes([r]) + _provenance_notes(points) + [
                 f"respaced: DDPM on K of the T steps with the run's own variance ({var}); ddim: eta = 0; the "
                 "paper's column is the DDIM paper's CIFAR10 trend at full scale (the row of the same sampler and "
                 "variance: sigma-hat for beta, eta 1 for beta-tilde), for the shape of the curve only"]}
+
+
+def _provenance_notes(points) -> List[str]:
+    """A note when the curve's points were evaluated at different commits: then they may come
+    from different trainings of the same config (runs/ is not in git; a fresh machine retrains)."""
+    commits: Dict[str, List[str]] = {}
+    for kind, by_k in points.items():
+        for k, pt in by_k.items():
+            commits.setdefault(str(pt.get("commit")), []).append(f"{kind} {k}")
+    if len(commits) < 2:
+        return []
+    return ["the points were evaluated at different commits, possibly from different trainings of the same "
+            "config (equal up to float rounding at best): " + "; ".join(f"{c}: {', '.join(v)}" for c, v in commits.items())]
 
 
 def sampler_steps_figure(runs: Dict[str, RunResult], path: Path) -> Optional[Path]:

@@ -258,3 +258,17 @@ def test_check_judges_the_main_evaluation_never_an_ablation_of_it(tmp_path, caps
     write_run(tmp_path, "paper", "eps_simple", evals=evals)
     rc, lines, out = _verdicts(tmp_path, capsys)
     assert "no value" in lines["eps_simple.fid"] and "not evaluated" in lines["eps_simple.fid"]
+
+
+def test_the_sampler_steps_table_says_when_its_points_come_from_different_commits(tmp_path):
+    evals = paper_like(fid=3.3)
+    evals["main"]["fid"]["sampler_spec"] = {"sampler": "ancestral", "steps": 1000}
+    evals["ddim_10"] = {"fid": {"value": 14.0, "sampler_spec": {"sampler": "ddim", "steps": 10}}}
+    write_run(tmp_path, "quick", "eps_simple", evals=evals)
+    for name, commit in (("main", "aaa"), ("ddim_10", "bbb")):
+        f = tmp_path / "quick" / "eps_simple" / name / "metrics.json"
+        m = json.loads(f.read_text())
+        m["run"]["git_commit"] = commit
+        f.write_text(json.dumps(m))
+    notes = report.sampler_steps_table(load_profile(tmp_path, "quick"))["notes"]
+    assert any("different commits" in n and "aaa: ancestral 1000" in n and "bbb: ddim 10" in n for n in notes)
