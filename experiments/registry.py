@@ -88,7 +88,7 @@ RUNS: Dict[str, Run] = {r.name: r for r in [
 MAIN = Eval("main", ("fid", "is", "kid", "nll", "rd"))
 MAIN_BT = Eval("beta_tilde", ("fid", "is", "kid", "nll"), "beta_tilde")
 FIGURES = Eval("figures", (), figures=True)  # the figures alone
-SAMPLER_STEPS = (10, 20, 50, 100)  # the DDIM paper's Table 1 columns below 1000
+SAMPLER_STEPS = (10, 20, 50, 100, 1000)  # the DDIM paper's Table 1 columns (1000 = T: the same checkpoint as the rest)
 FEW_STEPS = tuple(Eval(f"{kind}_{k}", ("fid", "kid"), sampler=kind, steps=k)
                   for kind in ("respaced", "ddim") for k in SAMPLER_STEPS)
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
