@@ -345,7 +345,7 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
              data_dir: Optional[str], checkpoint: Optional[Path] = None) -> None:
     out = results_dir / profile / name / ev.name
     work = runs_dir / profile / name / f"eval_{ev.name}"
-    if (out / "metrics.json").exists():
+    if _eval_done(results_dir, profile, name, ev.name):
         _say(f"skip  {name} eval {ev.name}: done earlier")
         return
     size = EVAL_SIZE[profile]
@@ -468,8 +468,7 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
             if src != r:
                 _say(f"reuse {r}: same config as {src} at this profile")
             released = RUNS[r].released and released_dir / RUNS[r].released
-            todo = [ev for ev in evals[r].values()
-                    if not (results_dir / profile / src / ev.name / "metrics.json").exists()]
+            todo = [n for n in evals[r] if not _eval_done(results_dir, profile, src, n)]
             record = (released_run(r, profile, results_dir, released_dir) if released
                       else train_run(src, profile, runs_dir, results_dir, data_dir, need_checkpoint=bool(todo)))
             outcome[r].append(f"train {record['status']}")
@@ -503,10 +502,15 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
           f"logs in {_rel(runs_dir / profile)}/", flush=True)
 
 
+def _eval_done(results_dir: Path, profile: str, run: str, name: str) -> bool:
+    """An evaluation is done when its metrics.json is in results/ (copied last, see _copy_results)."""
+    return (results_dir / profile / run / name / "metrics.json").exists()
+
+
 def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> None:
     """What will run, where its output goes, and how long it should take."""
     todo_eval = [(r, e) for r in runs if same_as[r] == r for e in evals[r]
-                 if not (results_dir / profile / r / e / "metrics.json").exists()]
+                 if not _eval_done(results_dir, profile, r, e)]
     # to train: not finished, or finished elsewhere (results/ in git) without its checkpoint here
     # while evaluations of it remain (train_run's need_checkpoint)
     todo_train = [r for r in runs if same_as[r] == r and not RUNS[r].released
@@ -618,7 +622,7 @@ def _print_schedule(profile, runs, evals, same_as, jobs, runs_dir, results_dir) 
                                       ", OUT OF MEMORY: lower train.microbatch (README, 'On GPUs')" if timer else ""))
             stages.append(Stage("train", max(k, 1), steps * per_step / max(k, 1) if per_step else 0.0))  # wall s
         for name, ev in evals[r].items():
-            if (results_dir / profile / r / name / "metrics.json").exists():
+            if _eval_done(results_dir, profile, r, name):
                 continue
             calls = eval_forwards(ev, cfg, profile)
             per_call = timer.forward(cfg) if timer else None
