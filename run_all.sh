@@ -75,6 +75,7 @@ if [[ "$profile" != paper ]]; then  # what real images score at this small N (pa
     "$PY" -m experiments.fid_floor --profile "$profile" --results-dir "$results_dir"
 fi
 "$PY" -m analysis.report --results-dir "$results_dir" --profile "$profile"
+"$PY" -m analysis.claims --results-dir "$results_dir" --profile "$profile"  # C1-C7, each by its rule
 "$PY" -m analysis.check --results-dir "$results_dir" --profile "$profile" || status=$((status > 0 ? status : $?))
 if [[ $status -ne 0 ]]; then echo "some stages failed (see above): run the same command again to retry them" >&2; fi
 exit $status

@@ -41,7 +41,7 @@ import torch
 from .data import to_model_range
 from .diffusion import GaussianDiffusion, Model
 from .provenance import atomic_write_bytes, atomic_write_text
-from .runtime import derive_seed
+from .runtime import PRECISIONS, Bf16Network, derive_seed
 from .sampling import ANCESTRAL, Sampler
 
 MANIFEST = "manifest.json"
@@ -101,7 +101,8 @@ def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape
 
 def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *, batch_size: int = 64,
                     seed: int = 0, var_type=None, clip_x0: bool = True,
-                    meta: Optional[Dict[str, Any]] = None, sampler: Sampler = ANCESTRAL) -> Dict[str, Any]:
+                    meta: Optional[Dict[str, Any]] = None, sampler: Sampler = ANCESTRAL,
+                    bf16: bool = False) -> Dict[str, Any]:
     """What ``generate`` with these arguments writes to DIR/manifest.json (JSON values)."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
@@ -114,7 +115,7 @@ def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[
         "seed": int(seed), "image_shape_hwc": [H, W, C], "var_type": var_name,
         "clip_x0": bool(clip_x0), "steps": sampler.to_dict(diffusion.T)["steps"],
         "sampler": sampler.describe(diffusion.T), "sampler_spec": sampler.to_dict(diffusion.T),
-        "pixel_map": PIXEL_MAP, "meta": meta or {},
+        "pixel_map": PIXEL_MAP, "network_precision": PRECISIONS[bool(bf16)], "meta": meta or {},
     }))
 
 
@@ -141,7 +142,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
              out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
              clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
              return_images: bool = True, max_shards: Optional[int] = None,
-             sampler: Sampler = ANCESTRAL) -> Optional[np.ndarray]:
+             sampler: Sampler = ANCESTRAL, bf16: bool = False) -> Optional[np.ndarray]:
     """Exactly ``n`` samples, [n, H, W, C] uint8 (``image_shape`` is (C, H, W) of the model).
 
     With ``out_dir``, shards of ``batch_size`` images are written there and shards
@@ -150,6 +151,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     error, so that two different runs never mix in one folder. ``var_type``: None uses
     the model's own variance. ``meta``: JSON-able facts to record (checkpoint, EMA, ...).
     ``sampler``: ancestral over all T steps (the paper's; default), or respaced / DDIM.
+    ``bf16``: the network under bf16 autocast (runtime.Bf16Network; recorded in the manifest).
     Returns the images (or None with ``return_images=False``, to save memory).
     ``max_shards`` (with ``out_dir`` and ``return_images=False``): stop once the first
     ``max_shards`` shards exist, for time-boxed jobs; a later call completes the set.
@@ -158,7 +160,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
         raise ValueError("max_shards needs out_dir and return_images=False (the set is incomplete)")
     C, H, W = (int(s) for s in image_shape)
     manifest = sample_manifest(diffusion, n, image_shape, batch_size=batch_size, seed=seed,
-                               var_type=var_type, clip_x0=clip_x0, meta=meta, sampler=sampler)
+                               var_type=var_type, clip_x0=clip_x0, meta=meta, sampler=sampler, bf16=bf16)
     n_shards = manifest["n_shards"]
     sizes = [min(batch_size, n - i * batch_size) for i in range(n_shards)]
     assert sum(sizes) == n
@@ -171,6 +173,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    net = Bf16Network(model) if bf16 else model
     shards = []
     it = range(n_shards if max_shards is None else min(n_shards, max_shards))
     bar = None
@@ -183,7 +186,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
             if path is not None and path.exists():
                 images = _read_shard(path, sizes[i], (H, W, C)) if return_images else None
             else:
-                images = sample_shard(model, diffusion, sizes[i], (C, H, W), seed, i, device=device,
+                images = sample_shard(net, diffusion, sizes[i], (C, H, W), seed, i, device=device,
                                       var_type=var_type, clip_x0=clip_x0, progress=progress, sampler=sampler)
                 if path is not None:
                     atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))

@@ -66,7 +66,6 @@ PRESET_FOR_RESOLUTION = {32: "cifar10", 256: "celebahq256"}
 # diffusers assumes when the key is absent from config.json; old files omit many).
 REQUIRED_CONFIG = (
     ("act_fn", "silu", "silu"),
-    ("norm_num_groups", 32, 32),  # GroupNorm(32)
     ("norm_eps", 1e-6, 1e-5),  # the official GroupNorm epsilon
     ("time_embedding_type", "positional", "positional"),
     ("flip_sin_to_cos", False, True),  # [sin | cos], as the official code
@@ -163,6 +162,10 @@ def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict
             raise bad(f"{key}={value!r} is not the DDPM network (needs {required!r}); this model cannot be "
                       "loaded into ddpm.unet.UNet")
 
+    groups = unet_cfg.get("norm_num_groups", 32)  # the paper's 32; fewer only for CPU-scale networks
+    if not isinstance(groups, int) or groups < 1:
+        raise bad(f"norm_num_groups={groups!r} must be a positive integer")
+
     resolution = unet_cfg.get("sample_size")
     if isinstance(resolution, (list, tuple)):
         if len(set(resolution)) != 1:
@@ -198,7 +201,7 @@ def config_from_diffusers(unet_cfg: Dict[str, Any], scheduler_cfg: Optional[Dict
     cfg = get_preset(PRESET_FOR_RESOLUTION[resolution]) if base is None else copy.deepcopy(base)
     m = cfg.model
     m.ch, m.ch_mult, m.num_res_blocks = ch, ch_mult, int(unet_cfg.get("layers_per_block", 2))
-    m.attn_resolutions = tuple(attn_resolutions)
+    m.attn_resolutions, m.groups = tuple(attn_resolutions), groups
     cfg.data.resolution, cfg.data.channels = resolution, in_ch
     if scheduler_cfg is not None:
         _apply_scheduler(cfg, scheduler_cfg, scheduler_source)
@@ -224,6 +227,7 @@ def diffusers_config(cfg: Config) -> Dict[str, Any]:
     kwargs.update(
         sample_size=res, in_channels=cfg.data.channels, out_channels=cfg.data.channels,
         block_out_channels=[m.ch * k for k in m.ch_mult], layers_per_block=m.num_res_blocks,
+        norm_num_groups=m.groups,
         down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels],
         up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)],
         dropout=m.dropout)

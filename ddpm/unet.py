@@ -1,6 +1,7 @@
 """The paper's UNet (Appendix B; official diffusion_tf/models/unet.py), in PyTorch.
 
-A PixelCNN++-style UNet: residual blocks with GroupNorm(32) and swish, a sinusoidal
+A PixelCNN++-style UNet: residual blocks with GroupNorm (32 groups, as the paper; fewer only for the
+CPU-scale networks narrower than 32 channels) and swish, a sinusoidal
 time embedding fed through an MLP of width 4*ch into every residual block,
 self-attention at chosen resolutions and in the middle. The network knows nothing
 about how its output is used (eps, mu or x0; fixed or learned variance): that is
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = 32
+GROUPS = 32  # the paper's GroupNorm groups (UNet(groups=...) for narrower CPU-scale networks)
 GN_EPS = 1e-6  # the official code's GroupNorm epsilon (tf.contrib.layers.group_norm's 1e-6)
 
 
@@ -38,20 +39,20 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-def _norm(ch: int) -> nn.GroupNorm:
-    if ch % GROUPS:
-        raise ValueError(f"GroupNorm({GROUPS}) needs channel counts divisible by {GROUPS}, got {ch}: "
-                         "use model.ch a multiple of 32")
-    return nn.GroupNorm(GROUPS, ch, eps=GN_EPS)
+def _norm(ch: int, groups: int) -> nn.GroupNorm:
+    if ch % groups:
+        raise ValueError(f"GroupNorm({groups}) needs channel counts divisible by {groups}, got {ch}: "
+                         "use model.ch a multiple of model.groups")
+    return nn.GroupNorm(groups, ch, eps=GN_EPS)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int = GROUPS):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         # The official block uses a 1x1 "nin" projection when channels change.
@@ -67,9 +68,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, with a residual connection."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = GROUPS):
         super().__init__()
-        self.norm = _norm(ch)
+        self.norm = _norm(ch, groups)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -110,7 +111,7 @@ class UNet(nn.Module):
     def __init__(self, in_ch: int = 3, out_ch: int = 3, ch: int = 128,
                  ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
-                 resolution: int = 32):
+                 resolution: int = 32, groups: int = GROUPS):
         super().__init__()
         self.ch, self.resolution = ch, resolution
         temb_ch = 4 * ch
@@ -122,10 +123,10 @@ class UNet(nn.Module):
         skip_chs, cur, res = [ch], ch, resolution
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(cur, ch * mult, temb_ch, dropout)])
+                block = nn.ModuleList([ResBlock(cur, ch * mult, temb_ch, dropout, groups)])
                 cur = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(cur))
+                    block.append(AttnBlock(cur, groups))
                 self.down.append(block)
                 skip_chs.append(cur)
             if level != len(ch_mult) - 1:
@@ -133,23 +134,23 @@ class UNet(nn.Module):
                 skip_chs.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, dropout), AttnBlock(cur),
-                                  ResBlock(cur, cur, temb_ch, dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, dropout, groups), AttnBlock(cur, groups),
+                                  ResBlock(cur, cur, temb_ch, dropout, groups)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(cur + skip_chs.pop(), ch * mult, temb_ch, dropout)])
+                block = nn.ModuleList([ResBlock(cur + skip_chs.pop(), ch * mult, temb_ch, dropout, groups)])
                 cur = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(cur))
+                    block.append(AttnBlock(cur, groups))
                 self.up.append(block)
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
                 res *= 2
         assert not skip_chs
 
-        self.norm_out = _norm(cur)
+        self.norm_out = _norm(cur, groups)
         self.conv_out = _zero(nn.Conv2d(cur, out_ch, 3, padding=1))
 
     def forward(self, x, t):

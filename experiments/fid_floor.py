@@ -4,9 +4,11 @@ numbers are read against.
 FID is biased upwards at small N, so the quick profile's FID of 48 samples is not
 comparable with the paper's FID of 50,000; what a small-N number means is shown by
 what real data gets under exactly the same protocol. For each dataset family of a
-profile this takes N real training images that are *not* in the FID reference subset,
-and measures them against that reference (the same spec, subset, seed and Inception
-as `python -m ddpm eval`, so the cached reference features are shared):
+profile this takes N real training images that are *not* in the FID reference subset
+(the profile's reference split: at the quick profile N test images, so training images
+never overlap it), and measures them against that reference (the same spec, subset, seed
+and Inception as `python -m ddpm eval`, so the cached reference features are shared),
+with the same standard errors as the evaluation (FID: bootstrap; KID: jackknife):
 
     python -m experiments.fid_floor --profile quick      # -> results/quick/fid_floor.json
 """
@@ -23,7 +25,8 @@ import numpy as np
 
 from .registry import EVAL_SIZE, PROFILES, RUNS, run_config_args
 
-FAMILIES = {"cifar10": "eps_simple", "mnist": "mnist_seed"}  # a run that shows each family's config
+# a run that shows each family's config (at the CPU profiles the cifar10 family is MNIST)
+FAMILIES = {"cifar10": "eps_simple", "mnist": "mnist_seed", "cifar10-subset": "cifar10_subset"}
 
 
 def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1) -> dict:
@@ -37,21 +40,25 @@ def floor(profile: str, family: str, data_dir=None, weights=None, seed: int = 1)
     size = EVAL_SIZE[profile]
     preset, overrides = run_config_args(RUNS[FAMILIES[family]], profile)
     cfg = get_preset(preset, overrides)
-    spec = dataset_spec(cfg, "train", data_dir)
+    spec, ref_spec = dataset_spec(cfg, "train", data_dir), dataset_spec(cfg, size["ref_split"], data_dir)
     fit = (cfg.data.channels, cfg.data.resolution)
     t0 = time.time()
-    ref, ref_desc, ref_key = load_images(spec, data_dir, size["ref_n"], seed=2020, resize_to=fit)
+    ref, ref_desc, ref_key = load_images(ref_spec, data_dir, size["ref_n"], seed=2020, resize_to=fit)
     everything, _, _ = load_images(spec, data_dir, None, resize_to=fit)
     N = everything.shape[0]
     in_ref = np.zeros(N, bool)
-    ref_idx = subset_indices(N, size["ref_n"], seed=2020)  # the reference subset load_images took
-    in_ref[slice(None) if ref_idx is None else ref_idx] = True  # whole split: none is outside it
+    if ref_spec == spec:  # the reference is a subset of the training split: leave it out
+        ref_idx = subset_indices(N, size["ref_n"], seed=2020)  # the reference subset load_images took
+        in_ref[slice(None) if ref_idx is None else ref_idx] = True  # whole split: none is outside it
     pool = np.flatnonzero(~in_ref) if (~in_ref).any() else np.arange(N)
     pick = np.random.RandomState(seed).choice(pool, size["n"], replace=False)
     real = everything[pick]
     m = compute_metrics(real, ref, ("fid", "kid"), weights=weights, reference_key=ref_key,
-                        reference_desc=ref_desc, progress=False)
-    return {"family": family, "profile": profile, "fid": m["fid"], "kid": m["kid"], "kid_std": m["kid_std"],
+                        reference_desc=ref_desc, progress=False, uncertainty=True)
+    return {"family": family, "profile": profile, "dataset": cfg.data.dataset + (f"-{cfg.data.subset}" if
+                                                                                 cfg.data.subset else ""),
+            "fid": m["fid"], "fid_se": m.get("fid_se"), "kid": m["kid"], "kid_std": m["kid_std"],
+            "kid_se": m.get("kid_se"), "kid_unbiased": m.get("kid_unbiased"),
             "n": int(real.shape[0]), "n_reference": m["n_reference"], "reference": m["reference"],
             "real_images": f"{spec}: {len(pick)} images outside the reference subset, numpy "
                            f"RandomState({seed}).choice" + ("" if (~in_ref).any() else

@@ -46,6 +46,9 @@ class Eval:
     sampler: str = "ancestral"
     steps: Optional[int] = None
     eta: float = 0.0
+    # at most this many images per split for the bound (fewer than the profile's nll_n, where an
+    # evaluation needs only a curve's shape from a slow network); None: the profile's
+    max_nll_n: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ RUNS: Dict[str, Run] = {r.name: r for r in [
         "schedule ablation: true bound, cosine"),
     Run("mnist_seed", "mnist", {}, "the seed report's setting: MNIST, 10 epochs"),
     Run("celebahq", "celebahq", {}, "CelebA-HQ 256: samples and interpolation"),
+    Run("cifar10_subset", "cifar10-subset", {}, "CPU profiles only: the L_simple model on the CIFAR10 subset, for "
+        "Figs. 5-8 on natural images (the ablation grid runs on MNIST there)"),
     Run("released_cifar10", "cifar10", {}, "the paper's released CIFAR10 model (google/ddpm-cifar10-32, "
         "step 790000), evaluated as published: the fastest check against FID 3.17", released="ddpm-cifar10-32"),
 ]}
@@ -88,6 +93,9 @@ RUNS: Dict[str, Run] = {r.name: r for r in [
 MAIN = Eval("main", ("fid", "is", "kid", "nll", "rd"))
 MAIN_BT = Eval("beta_tilde", ("fid", "is", "kid", "nll"), "beta_tilde")
 FIGURES = Eval("figures", (), figures=True)  # the figures alone
+# rate-distortion (the test bound) and Figs. 5-8; the bound of a 32x32 RGB network on 32 images (about
+# 15 min on one CPU core): Fig. 5's shape on natural images, not a number that decides anything
+RD_FIGURES = Eval("rd_figures", ("rd",), figures=True, max_nll_n=32)
 SAMPLER_STEPS = (10, 20, 50, 100, 1000)  # the DDIM paper's Table 1 columns (1000 = T: the same checkpoint as the rest)
 FEW_STEPS = tuple(Eval(f"{kind}_{k}", ("fid", "kid"), sampler=kind, steps=k)
                   for kind in ("respaced", "ddim") for k in SAMPLER_STEPS)
@@ -100,13 +108,18 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
                ("eps_simple", "eps_vlb"), (MAIN, MAIN_BT)),
     Experiment("schedule", "Schedule ablation: linear vs cosine, for L_simple and for L",
                ("eps_simple", "eps_simple_cosine", "eps_vlb", "eps_vlb_cosine"), (MAIN,),
-               "cosine is Nichol & Dhariwal 2021, not in the paper"),
+               "cosine is Nichol & Dhariwal 2021, not in the paper; not in the quick profile (none of the "
+               "paper's claims, and no time left in its 2.5 hours)", profiles=("paper", "smoke")),
     Experiment("rate_distortion", "Table 4 and Fig. 5 (rate-distortion, CIFAR10 test)", ("eps_simple",), (MAIN,)),
     Experiment("progressive", "Figs. 6-8 (progressive generation, shared x_t, interpolation)", ("eps_simple",),
                (FIGURES,)),
     Experiment("mnist", "The seed report: MNIST samples after 10 epochs", ("mnist_seed",), (MAIN, FIGURES)),
     Experiment("celebahq", "CelebA-HQ 256 samples (Fig. 1) and interpolation (Fig. 8)", ("celebahq",),
-               (FIGURES,)),
+               (FIGURES,), profiles=("paper",)),
+    Experiment("cifar10_subset", "Figs. 5-8 on the CIFAR10 subset: rate-distortion, progressive generation, "
+               "shared x_t, interpolation (CPU profiles, where the grid runs on MNIST)", ("cifar10_subset",),
+               (RD_FIGURES,), "no CelebA-HQ and no time for full CIFAR10 on a CPU: natural images at small "
+               "scale, for the figures' shapes only", profiles=("quick", "smoke")),
     Experiment("released", "Table 1's L_simple row from the released weights (FID 3.17, IS 9.46, NLL 3.75): "
                "hours of sampling instead of days of training", ("released_cifar10",), (MAIN,),
                "needs the diffusers export of google/ddpm-cifar10-32 in the released dir; paper protocol only "
@@ -117,26 +130,37 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
 ]}
 
 # The preset each profile trains a run of each family with: every size lives in the preset
-# (ddpm/config.py); a run adds only its ablation's overrides.
+# (ddpm/config.py); a run adds only its ablation's overrides. At the CPU profiles the CIFAR10
+# grid (Tables 1-2, variance, rate-distortion, Figs. 6-7) runs on MNIST: measured, the CIFAR10
+# subset cannot rank models in a CPU budget (results/quick/recipe_search.md, section 3); the
+# cifar10-subset family keeps one CIFAR10 model for the figures.
 PROFILE_PRESET: Dict[Tuple[str, str], str] = {
     ("paper", "cifar10"): "cifar10",
     ("paper", "mnist"): "mnist",
     ("paper", "celebahq"): "celebahq256",
-    ("quick", "cifar10"): "quick-cifar10",
+    ("paper", "cifar10-subset"): "cifar10",  # not run at the paper profile (eps_simple is the same)
+    ("quick", "cifar10"): "quick-grid",
     ("quick", "mnist"): "quick-mnist",
+    ("quick", "cifar10-subset"): "quick-cifar10",
     ("quick", "celebahq"): "quick-cifar10",  # no CelebA-HQ here: the CIFAR10 subset stands in
-    ("smoke", "cifar10"): "smoke-cifar10",
+    ("smoke", "cifar10"): "smoke-mnist",
     ("smoke", "mnist"): "smoke-mnist",
+    ("smoke", "cifar10-subset"): "smoke-cifar10",
     ("smoke", "celebahq"): "smoke-cifar10",
 }
 
-# Evaluation sizes: samples for FID/KID/IS, images per split (test and train) for the
-# bound over all T steps, reference images for the FID statistics.
-# None = the whole split (paper: 10k test images, 50k train images, 50k reference images).
-EVAL_SIZE: Dict[str, Dict[str, Optional[int]]] = {
-    "paper": {"n": 50_000, "nll_n": None, "ref_n": None},
-    "quick": {"n": 48, "nll_n": 12, "ref_n": 1000},
-    "smoke": {"n": 8, "nll_n": 2, "ref_n": 32},
+# How a profile evaluates: samples for FID/KID/IS (n), images per split for the bound over all
+# T steps (nll_n; None = the whole split: 10k test, 50k train), the splits the bound runs on,
+# the FID/KID reference set (its split and size: the paper's 50k training images; at the quick
+# profile N test images, so that N samples are read against the floor of N real training
+# images), the sampling batch, and bf16 autocast for sampling (never for the bound).
+EVAL_SIZE: Dict[str, Dict[str, object]] = {
+    "paper": {"n": 50_000, "nll_n": None, "nll_splits": ("test", "train"), "ref_split": "train", "ref_n": None,
+              "batch": 256, "bf16": False},
+    "quick": {"n": 500, "nll_n": 200, "nll_splits": ("test",), "ref_split": "test", "ref_n": 500,
+              "batch": 100, "bf16": True},
+    "smoke": {"n": 8, "nll_n": 2, "nll_splits": ("test",), "ref_split": "test", "ref_n": 32,
+              "batch": 256, "bf16": True},
 }
 
 # Wall time of one training and one evaluation on a 2-core CPU at one thread each, as last
@@ -149,8 +173,13 @@ EST_SECONDS: Dict[str, Optional[Dict[str, float]]] = {
 }
 
 DATA_NOTES = {
-    ("quick", "cifar10"): "CIFAR10 subset 'partial': training images 0..3999 (from full CIFAR10 or its PNG export "
-                          "in ../shared/data/cifar10-partial); test-set NLL on the test images of 4 classes",
+    ("quick", "cifar10"): "MNIST stands in for CIFAR10 at this profile: the ablation grid needs models that can "
+                          "be ranked in a CPU budget, which the CIFAR10 subset is not (measured, "
+                          "results/quick/recipe_search.md section 3)",
+    ("smoke", "cifar10"): "MNIST stands in for CIFAR10 at this profile (as at quick)",
+    ("quick", "cifar10-subset"): "CIFAR10 subset 'partial': training images 0..3999 (from full CIFAR10 or its "
+                                 "PNG export in ../shared/data/cifar10-partial); test-set bound on the test "
+                                 "images of 4 classes",
     ("quick", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in; the entry shows the "
                            "pipeline (samples, interpolation), not CelebA-HQ results",
     ("smoke", "celebahq"): "no CelebA-HQ here: the CIFAR10 subset (32x32) stands in",

@@ -248,11 +248,15 @@ def _stats_summary(run_dir: Path) -> dict:
 
 
 def _copy_samples(out: Path, dest: Path) -> None:
-    """The run's last training sample grid (EMA, fixed noise) -> results/.../samples.png."""
+    """The run's last training sample grid (EMA, fixed noise) -> results/.../samples.png, and its
+    training curves (loss, gradient norm, lr per logging window) -> results/.../stats.jsonl."""
     grids = sorted((out / SAMPLES).glob("step_*.png"))
     if grids:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(grids[-1], dest / "samples.png")
+    if (out / STATS).exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / STATS, dest / "stats.jsonl")
 
 
 def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_dir: Optional[str],
@@ -351,10 +355,13 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
     size = EVAL_SIZE[profile]
     ckpt = checkpoint or runs_dir / profile / name / FINAL
     cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
-           "--n", str(size["n"]), "--out", str(work), "--seed", "0"]
-    for flag, key in (("--nll-n", "nll_n"), ("--reference-n", "ref_n")):
-        if size[key] is not None:
-            cmd += [flag, str(size[key])]
+           "--n", str(size["n"]), "--out", str(work), "--seed", "0", "--reference-split", size["ref_split"],
+           "--nll-splits", ",".join(size["nll_splits"]), "--batch-size", str(size["batch"])]
+    for flag, value in (("--nll-n", nll_images(ev, profile)), ("--reference-n", size["ref_n"])):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if size["bf16"]:
+        cmd.append("--bf16")
     if ev.var:
         cmd += ["--var", ev.var]
     if ev.sampler != "ancestral":
@@ -552,12 +559,18 @@ FIGURE_CHAINS = 40  # about: Figs. 6-8 draw this many chains of T steps (ddpm.ev
 SPLIT_SIZES = {"cifar10": {"test": 10_000, "train": 50_000}, "mnist": {"test": 10_000, "train": 60_000}}
 
 
+def nll_images(ev: Eval, profile: str) -> Optional[int]:
+    """Images per split in evaluation ``ev``'s bound at ``profile`` (None: the whole split)."""
+    n = EVAL_SIZE[profile]["nll_n"]
+    return ev.max_nll_n if ev.max_nll_n is not None and (n is None or ev.max_nll_n < n) else n
+
+
 def eval_forwards(ev: Eval, cfg, profile: str) -> int:
     """Network calls (one image each) of evaluation ``ev`` of a run of ``cfg`` at ``profile``."""
     size, T = EVAL_SIZE[profile], cfg.diffusion.T
     n = size["n"] * (ev.steps or T) if set(ev.metrics) & {"fid", "is", "kid"} else 0
-    for split in ("test", "train") if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
-        n += (size["nll_n"] or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
+    for split in size["nll_splits"] if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
+        n += (nll_images(ev, profile) or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
     return n + (FIGURE_CHAINS * T if ev.figures else 0)
 
 

@@ -155,6 +155,11 @@ def test_the_failure_reason_is_the_logs_last_error_and_torchruns_root_cause_code
     assert R.failure_reason(1, []) == "exit code 1, no error line in the log"
 
 
+def _is_train(cmd) -> bool:
+    """A training stage: `ddpm train ...`, alone or over torchrun (never an eval's `--reference-split train`)."""
+    return "train" in cmd and "eval" not in cmd
+
+
 class FakeDdpm:
     """Stands in for experiments.run._call: records each stage (command, GPUs, when) and plays
     its part: a training writes final.pt (or exits with ``train_rc``), an evaluation metrics.json."""
@@ -172,7 +177,7 @@ class FakeDdpm:
             self.calls.append({"cmd": cmd, "label": label, "gpus": gpus.split(",") if gpus else [],
                                "t0": t0, "t1": time.perf_counter()})
         os.makedirs(out, exist_ok=True)
-        if "train" in cmd:
+        if _is_train(cmd):
             if self.train_rc:
                 return self.train_rc, self.train_lines
             open(os.path.join(out, "final.pt"), "w").close()
@@ -239,14 +244,14 @@ def test_experiments_share_a_simulated_pool_of_four_gpus(tmp_path, monkeypatch, 
                       jobs=4, progress_every=0, gpus=ids)
     out = capsys.readouterr().out
     assert "GPUs: 4 (0,1,2,3)" in out and "except over torchrun: celebahq on 4" in out
-    trains = {c["label"]: c for c in fake.calls if "train" in c["cmd"]}
+    trains = {c["label"]: c for c in fake.calls if _is_train(c["cmd"])}
     assert set(trains) == {"celebahq train", "eps_simple train", "eps_vlb train"}
     chq = trains["celebahq train"]
     assert chq["cmd"][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert sorted(chq["gpus"]) == ids
     for label in ("eps_simple train", "eps_vlb train"):
         assert trains[label]["cmd"][1:4] == ["-m", "ddpm", "train"] and len(trains[label]["gpus"]) == 1
-    evals = [c for c in fake.calls if "eval" in c["cmd"]]
+    evals = [c for c in fake.calls if not _is_train(c["cmd"])]
     assert len(evals) == 3 and all(len(c["gpus"]) == 1 for c in evals)
     _check_intervals([(c["t0"], c["t1"], c["gpus"]) for c in fake.calls], 4)
     rec = json.loads((tmp_path / "results" / "paper" / "celebahq" / "train.json").read_text())
@@ -256,7 +261,7 @@ def test_experiments_share_a_simulated_pool_of_four_gpus(tmp_path, monkeypatch, 
     monkeypatch.setattr(R, "_call", fake2)
     R.run_experiments(["table2"], "paper", tmp_path / "runs2", tmp_path / "results2", None, jobs=4,
                       progress_every=0, gpus=ids, gpus_per_run=2)
-    assert all(len(c["gpus"]) == 2 and "--nproc_per_node=2" in c["cmd"] for c in fake2.calls if "train" in c["cmd"])
+    assert all(len(c["gpus"]) == 2 and "--nproc_per_node=2" in c["cmd"] for c in fake2.calls if _is_train(c["cmd"]))
 
 
 def test_plan_on_a_gpu_machine_prints_the_schedule_and_starts_nothing(tmp_path, monkeypatch, capsys):
@@ -298,7 +303,8 @@ def test_the_plans_timers_run_the_trainers_own_step():
     assert G.time_forward(cfg, batch=4, device="cpu", calls=1) > 0
 
 
-@pytest.mark.parametrize("rc, then", [(1, ["experiments.fid_floor", "analysis.report", "analysis.check"]),
+@pytest.mark.parametrize("rc, then", [(1, ["experiments.fid_floor", "analysis.report", "analysis.claims",
+                                            "analysis.check"]),
                                       (2, []), (130, [])])
 def test_run_all_reports_what_finished_when_a_stage_failed(tmp_path, rc, then):
     """experiments.run exits 1 when a stage failed (the others ran): the tables are still regenerated,

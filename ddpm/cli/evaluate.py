@@ -50,8 +50,11 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--nll-splits", default="test,train",
                    help="splits for NLL (default test,train; rd always uses test)")
     p.add_argument("--reference", default=None,
-                   help="FID reference set (default: the checkpoint's dataset, train split, as in the paper); "
+                   help="FID reference set (default: the checkpoint's dataset, --reference-split); "
                         "e.g. mnist:test, folder:PATH")
+    p.add_argument("--reference-split", choices=("train", "test"), default="train",
+                   help="the split of the checkpoint's dataset used as the FID reference without --reference "
+                        "(default train, as in the paper)")
     p.add_argument("--reference-n", type=int, default=None,
                    help="a seeded random subset of the reference set (default: all of it)")
     p.add_argument("--seed", type=int, default=0,
@@ -89,8 +92,9 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         nll_splits=tuple(s.strip() for s in args.nll_splits.split(",") if s.strip()), seed=args.seed,
         device=args.device, batch_size=args.batch_size, nll_batch_size=args.nll_batch_size,
         max_batch=args.max_batch, reference=args.reference, reference_n=args.reference_n,
+        reference_split=args.reference_split,
         inception_weights=args.inception_weights, figures=args.figures, sampler=args.sampler, steps=args.steps,
-        eta=args.eta, skip=args.skip)
+        eta=args.eta, skip=args.skip, bf16=args.bf16)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,6 +95,10 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help="ddim: 0 deterministic (default), 1 DDPM's beta-tilde variance on the steps")
     p.add_argument("--skip", choices=SKIP_TYPES, default="uniform",
                    help="respaced/ddim: how the steps are chosen (the DDIM paper's uniform or quadratic)")
+    p.add_argument("--bf16", action="store_true",
+                   help="sample with the network under bf16 autocast: about 2x faster on CPUs, FID/KID "
+                        "unchanged as measured (results/quick/recipe_search.md); the NLL bound always runs "
+                        "in float32")
 
 
 def sampler_from_args(args: argparse.Namespace) -> Sampler:

@@ -23,7 +23,7 @@ import torch
 from ..generate import PIXEL_MAP, PNG_GRID, PNG_IMAGES, generate, write_sample_folder
 from ..loading import load_model, resolve_checkpoint
 from ..provenance import portable_path
-from ..runtime import pick_device
+from ..runtime import PRECISIONS, pick_device
 from .options import (UsageError, add_device_arg, add_ema_arg, add_progress_arg, add_sampler_args,
                       add_threads_arg, add_var_arg, sampler_from_args)
 
@@ -81,13 +81,14 @@ def run(args: argparse.Namespace) -> int:
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     with torch.no_grad():
         images = generate(model, diffusion, args.n, shape, batch_size=args.batch_size, seed=args.seed,
-                          device=dev, var_type=args.var, progress=not args.no_progress, sampler=sampler)
+                          device=dev, var_type=args.var, progress=not args.no_progress, sampler=sampler,
+                          bf16=args.bf16)
     assert images.shape == (args.n, shape[1], shape[2], shape[0]), images.shape
     write_sample_folder(images, out, {
         "checkpoint": portable_path(Path(checkpoint).absolute()), "step": int(state["step"]),
         "ema": bool(args.ema), "var_type": args.var or cfg.diffusion.var_type, "n": args.n,
         "seed": args.seed, "batch_size": args.batch_size, "steps": sampler.to_dict(diffusion.T)["steps"],
         "sampler": sampler.describe(diffusion.T), "sampler_spec": sampler.to_dict(diffusion.T),
-        "pixel_map": PIXEL_MAP, "device": str(dev)})
+        "pixel_map": PIXEL_MAP, "network_precision": PRECISIONS[args.bf16], "device": str(dev)})
     print(f"wrote {args.n} PNGs to {out / PNG_IMAGES} and {out / PNG_GRID}")
     return 0
