@@ -457,9 +457,9 @@ def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir:
         # share the cores between the parallel runs instead of oversubscribing them
         _CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir)
-    # the runs with the most evaluations first, so parallel workers finish close together
-    # (reusing runs last: they wait for the run they reuse)
-    runs = sorted(runs, key=lambda r: (same_as[r] != r, -len(evals[r])))
+    # the costliest runs first (network calls of training and evaluations), so parallel workers
+    # finish close together (reusing runs last: they wait for the run they reuse)
+    runs = sorted(runs, key=lambda r: (same_as[r] != r, -run_forwards(r, evals[r], profile)))
     if plan:
         _print_schedule(profile, runs, evals, same_as, jobs, runs_dir, results_dir)
         return
@@ -572,6 +572,15 @@ def eval_forwards(ev: Eval, cfg, profile: str) -> int:
     for split in size["nll_splits"] if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
         n += (nll_images(ev, profile) or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
     return n + (FIGURE_CHAINS * T if ev.figures else 0)
+
+
+def run_forwards(name: str, evals: Dict[str, Eval], profile: str) -> int:
+    """About the network calls of run ``name`` at ``profile`` (one image each; a training step of
+    an image counts as 3: forward and backward): the order in which runs are started."""
+    if RUNS[name].released:
+        return sum(eval_forwards(ev, get_preset("cifar10"), profile) for ev in evals.values())
+    cfg = get_preset(*run_config_args(RUNS[name], profile))
+    return 3 * cfg.train.steps * cfg.train.batch_size + sum(eval_forwards(ev, cfg, profile) for ev in evals.values())
 
 
 class _Timer:
