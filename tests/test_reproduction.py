@@ -100,7 +100,9 @@ def test_tables_are_regenerated_with_the_papers_numbers(smoke):
 def test_the_fid_floor_of_real_images_is_measured_at_the_same_size(smoke):
     results, _, _ = smoke
     floor = json.loads((results / "fid_floor.json").read_text())
-    assert set(floor) == {"cifar10", "mnist"}
+    assert set(floor) == {"cifar10", "mnist", "cifar10-subset"}
+    assert floor["cifar10"]["dataset"] == floor["mnist"]["dataset"] == "mnist"  # the grid runs on MNIST here
+    assert floor["cifar10-subset"]["dataset"] == "cifar10-partial"
     for f, v in floor.items():
         assert v["n"] == 8 and v["n_reference"] == 32 and v["disjoint_from_reference"], f
         assert v["fid"] > 0 and abs(v["kid"]) < 0.1  # real vs real: KID (unbiased) near 0
@@ -114,12 +116,14 @@ def test_runs_go_in_parallel_and_a_run_with_an_identical_config_is_reused(smoke)
     # one run per core on a CPU-only machine, one at a time on a GPU machine; never more than runs
     jobs = min(default_jobs(), len(runs_for(SMOKE)))
     assert f"{jobs} at a time" in first
-    # smoke's CelebA-HQ stand-in is configured exactly like eps_simple: trained and evaluated once
-    reuse = json.loads((results / "celebahq" / "train.json").read_text())
+    # smoke's mnist_seed is configured exactly like eps_simple (whose grid runs on MNIST at the
+    # CPU profiles): trained and evaluated once
+    reuse = json.loads((results / "mnist_seed" / "train.json").read_text())
     own = json.loads((results / "eps_simple" / "train.json").read_text())
-    assert reuse["same_as"] == "eps_simple" and reuse["family"] == "celebahq" and "stands in" in reuse["data_note"]
+    assert reuse["same_as"] == "eps_simple" and reuse["family"] == "mnist"
+    assert own["family"] == "cifar10" and "MNIST stands in for CIFAR10" in own["data_note"]
     assert reuse["config"] == own["config"] and "same_as" not in own
-    assert (results / "celebahq" / "figures" / "metrics.json").read_bytes() == \
+    assert (results / "mnist_seed" / "figures" / "metrics.json").read_bytes() == \
         (results / "eps_simple" / "figures" / "metrics.json").read_bytes()
     trained = [line for line in first.splitlines() if line.endswith(".train.log)") and "start " in line]
     assert len(trained) == len(runs_for(SMOKE)) - 1
@@ -151,7 +155,22 @@ def test_a_fresh_clone_finds_the_data_and_an_inception_with_nothing_set(smoke):
     assert weights.startswith("online") or "automatic offline fallback" in weights, weights
     log = (results.parents[1] / "runs" / "smoke" / "eps_simple.eval_main.log").read_text()
     assert weights.startswith("online") or "using the same network's weights converted" in log
+    assert "data: mnist" in log
+    log = (results.parents[1] / "runs" / "smoke" / "cifar10_subset.eval_rd_figures.log").read_text()
     assert "data: CIFAR10 subset" in log or "data: cifar10" in log
+
+
+def test_the_claims_are_decided_by_their_rules_and_written(smoke):
+    results, _, _ = smoke
+    md = (results / "claims.md").read_text()
+    claims = json.loads((results / "claims.json").read_text())
+    assert [c["id"] for c in claims] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+    assert all(c["verdict"] and c["verdict"] != "not run" for c in claims), claims
+    assert all(f"| {c['id']} |" in md for c in claims)
+    m = json.loads((results / "eps_simple" / "main" / "metrics.json").read_text())["results"]
+    assert m["kid"]["se"] > 0 and m["fid"]["se"] > 0 and len(m["nll_test"]["per_image_bpd"]) == 2
+    assert m["sampling"]["network_precision"].startswith("bf16")  # the CPU profiles sample in bf16
+    assert "mnist:test" in m["fid"]["reference"] or "test" in m["fid"]["reference"]
 
 
 def test_each_run_keeps_its_last_sample_grid_and_the_report_shows_them(smoke):
