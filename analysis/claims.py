@@ -55,7 +55,8 @@ def kid_of(r: Optional[RunResult], ev: str = "main") -> Optional[Dict[str, Any]]
     if not m or m.get("value") is None:
         return None
     # the whole-set unbiased estimate and its jackknife SE; at N <= 1000 equal to the value
-    return {"kid": m.get("unbiased", m["value"]), "se": m.get("se"), "n": m.get("n")}
+    unbiased = m.get("unbiased")  # None above fidelity.JACKKNIFE_MAX images (the paper's N): the value
+    return {"kid": m["value"] if unbiased is None else unbiased, "se": m.get("se"), "n": m.get("n")}
 
 
 def compare_kid(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
