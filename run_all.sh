@@ -58,6 +58,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[$i]}" in
         --results-dir) results_dir="${args[$((i + 1))]}"; i=$((i + 1)) ;;
         --all|--list) n_experiments=1 ;;
+        --preflight|--no-preflight|--allow-no-is) ;;  # experiments.run's flags without a value
         --plan) plan=1 ;;
         --*=*) ;;
         --*) i=$((i + 1)) ;;  # every other option of experiments.run takes a value

@@ -30,7 +30,7 @@ computed here, once, when an evaluation runs; analysis/ only reads them.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -47,31 +47,45 @@ RD_DEFINITION = (
 TERMS = ("total_bpd_b", "prior_bpd_b", "terms_bpd_bt", "mse_bt")  # what bound_terms returns, per image
 
 
+def n_batches(n_images: int, batch_size: int) -> int:
+    """How many batches ``bound_terms`` splits ``n_images`` into (the last one holds the rest)."""
+    return math.ceil(n_images / batch_size)
+
+
 @torch.inference_mode()
+def bound_batch(model: Model, diffusion: GaussianDiffusion, images: torch.Tensor, k: int, batch_size: int = 16,
+                var_type=None, clip_x0: bool = True, seed: int = 0, device="cpu",
+                max_batch: int = 256) -> Dict[str, np.ndarray]:
+    """Batch ``k`` of ``bound_terms``: calc_bpd_loop on images [k * batch_size, (k + 1) * batch_size)
+    with noise from a generator seeded by (seed, k); per-image float64 arrays as bound_terms'.
+    A batch depends on nothing else, so batches may be computed in any order, by any process."""
+    assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
+    assert 0 <= k < n_batches(images.shape[0], batch_size), (k, images.shape[0], batch_size)
+    x0 = to_model_range(images[k * batch_size:(k + 1) * batch_size]).to(device)
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, k))
+    out = diffusion.calc_bpd_loop(model, x0, clip_x0=clip_x0, var_type=var_type, max_batch=max_batch, generator=g)
+    return {key: out[key].double().cpu().numpy() for key in TERMS}
+
+
 def bound_terms(model: Model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 16,
-                var_type=None, clip_x0: bool = True, seed: int = 0, device="cpu", max_batch: int = 256,
-                on_batch: Optional[Callable[[int], None]] = None) -> Dict[str, np.ndarray]:
+                var_type=None, clip_x0: bool = True, seed: int = 0, device="cpu",
+                max_batch: int = 256) -> Dict[str, np.ndarray]:
     """calc_bpd_loop over uint8 images [N, C, H, W] in batches; per-image float64 arrays:
     total_bpd_b [N], prior_bpd_b [N], terms_bpd_bt [N, T], mse_bt [N, T].
-    Batch k draws its noise from a generator seeded by (seed, k), so results do not
-    depend on what ran before. ``on_batch(images_done_in_this_batch)`` is called after
-    each batch (a progress bar's update, for instance)."""
+    Batch k (``bound_batch``) draws its noise from a generator seeded by (seed, k), so results
+    do not depend on what ran before (ddpm.evaluate computes the batches one by one, kept on disk)."""
     assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
     N, T = images.shape[0], diffusion.T
-    parts = {k: [] for k in TERMS}
-    for k, s in enumerate(range(0, N, batch_size)):
-        x0 = to_model_range(images[s:s + batch_size]).to(device)
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(seed, k))
-        out = diffusion.calc_bpd_loop(model, x0, clip_x0=clip_x0, var_type=var_type, max_batch=max_batch,
-                                      generator=g)
-        for key in parts:
-            parts[key].append(out[key].double().cpu().numpy())
-        if on_batch is not None:
-            on_batch(x0.shape[0])
-    res = {k: np.concatenate(v) for k, v in parts.items()}
+    res = concat_batches([bound_batch(model, diffusion, images, k, batch_size, var_type, clip_x0, seed, device,
+                                      max_batch) for k in range(n_batches(N, batch_size))])
     assert res["terms_bpd_bt"].shape == (N, T) and res["mse_bt"].shape == (N, T)
     return res
+
+
+def concat_batches(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The per-image terms of consecutive batches (bound_batch's, in order) as one set."""
+    return {key: np.concatenate([p[key] for p in parts]) for key in TERMS}
 
 
 def mean_se(x: np.ndarray) -> Dict[str, float]:

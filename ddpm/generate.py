@@ -33,18 +33,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .data import to_model_range
 from .diffusion import GaussianDiffusion, Model
-from .provenance import atomic_write_bytes, atomic_write_text
+from .provenance import MANIFEST, atomic_write_bytes, atomic_write_text, check_manifest
 from .runtime import PRECISIONS, Bf16Network, derive_seed
 from .sampling import ANCESTRAL, Sampler
 
-MANIFEST = "manifest.json"
 FORMAT = "ddpm-samples-v1"
 PIXEL_MAP = "clip to [-1, 1], x -> (x + 1) * 127.5, round to nearest integer, uint8"
 # The PNG folder of `python -m ddpm sample` (see the module docstring).
@@ -119,30 +118,12 @@ def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[
     }))
 
 
-def check_manifest(out_dir, manifest: Dict[str, Any]) -> bool:
-    """True if ``out_dir`` holds (part of) the samples ``manifest`` describes, False if it holds
-    none; SamplesError, in one line, if it holds samples of another request. Writes nothing."""
-    mpath = Path(out_dir) / MANIFEST
-    if not mpath.exists():
-        return False
-    try:
-        old = json.loads(mpath.read_text())
-    except ValueError:
-        raise SamplesError(f"{mpath} is not readable JSON; delete {out_dir} to generate the samples "
-                           "again") from None
-    if old == manifest:
-        return True
-    diff = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(manifest.get(k))} now"
-                     for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k))
-    raise SamplesError(f"{out_dir} holds samples of a different run ({diff}); use another --out folder "
-                       f"or delete {out_dir}")
-
-
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,
              out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
              clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
              return_images: bool = True, max_shards: Optional[int] = None,
-             sampler: Sampler = ANCESTRAL, bf16: bool = False) -> Optional[np.ndarray]:
+             sampler: Sampler = ANCESTRAL, bf16: bool = False,
+             shards: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
     """Exactly ``n`` samples, [n, H, W, C] uint8 (``image_shape`` is (C, H, W) of the model).
 
     With ``out_dir``, shards of ``batch_size`` images are written there and shards
@@ -155,9 +136,15 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     Returns the images (or None with ``return_images=False``, to save memory).
     ``max_shards`` (with ``out_dir`` and ``return_images=False``): stop once the first
     ``max_shards`` shards exist, for time-boxed jobs; a later call completes the set.
+    ``shards`` (with ``out_dir`` and ``return_images=False``): make only the shards with these
+    indices, one process's share when several processes draw one set (ddpm.evaluate under
+    torchrun; ``missing_shards`` lists what is left to share); each is the same whoever draws it.
     """
     if max_shards is not None and (out_dir is None or return_images):
         raise ValueError("max_shards needs out_dir and return_images=False (the set is incomplete)")
+    if shards is not None and (out_dir is None or return_images or max_shards is not None):
+        raise ValueError("shards needs out_dir and return_images=False, without max_shards (the set is "
+                         "incomplete)")
     C, H, W = (int(s) for s in image_shape)
     manifest = sample_manifest(diffusion, n, image_shape, batch_size=batch_size, seed=seed,
                                var_type=var_type, clip_x0=clip_x0, meta=meta, sampler=sampler, bf16=bf16)
@@ -166,7 +153,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     assert sum(sizes) == n
     if out_dir is not None:
         out_dir = Path(out_dir)
-        if not check_manifest(out_dir, manifest):
+        if not check_manifest(out_dir, manifest, "samples", SamplesError):
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
@@ -174,10 +161,14 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     if hasattr(model, "eval"):
         model.eval()
     net = Bf16Network(model) if bf16 else model
-    shards = []
     it = range(n_shards if max_shards is None else min(n_shards, max_shards))
+    if shards is not None:
+        it = sorted({int(i) for i in shards})
+        if it and not 0 <= it[0] <= it[-1] < n_shards:
+            raise ValueError(f"shards {it[0]}..{it[-1]}: this set has shards 0..{n_shards - 1}")
+    made = []
     bar = None
-    if progress:
+    if progress and it:  # no empty bar where every shard asked for is there
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(sizes[i] for i in it), desc="generating", unit="img")
     try:
@@ -191,7 +182,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
                 if path is not None:
                     atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
             if return_images:
-                shards.append(images)
+                made.append(images)
             if bar is not None:
                 bar.update(sizes[i])
     finally:
@@ -201,9 +192,14 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
             model.train()
     if not return_images:
         return None
-    out = np.concatenate(shards, axis=0)
+    out = np.concatenate(made, axis=0)
     assert out.shape == (n, H, W, C), out.shape
     return out
+
+
+def missing_shards(out_dir, manifest: Dict[str, Any]) -> List[int]:
+    """The indices of the shards of ``manifest`` (sample_manifest's) that ``out_dir`` lacks."""
+    return [i for i in range(manifest["n_shards"]) if not shard_path(out_dir, i).exists()]
 
 
 def read_manifest(out_dir) -> Dict[str, Any]:
@@ -217,7 +213,7 @@ def load_samples(out_dir) -> np.ndarray:
     """All N images of a complete sample folder, [N, H, W, C] uint8; error if shards are missing."""
     m = read_manifest(out_dir)
     n, bs = m["n"], m["shard_size"]
-    missing = [i for i in range(m["n_shards"]) if not shard_path(out_dir, i).exists()]
+    missing = missing_shards(out_dir, m)
     if missing:
         raise SamplesError(f"{out_dir} is incomplete: {len(missing)} of {m['n_shards']} shards missing "
                            f"(first: {shard_path(out_dir, missing[0]).name}); rerun the same command "

@@ -4,6 +4,9 @@
   export writes (checkpoints, configs, run records, metrics, sample shards, weights) is
   written to a temporary file beside it and renamed over it, so that a crash leaves the
   old file or the new one, never half of one.
+- ``check_manifest``: a folder filled piece by piece (sample shards, the bound's batches)
+  names the request it belongs to in its manifest.json; another request's folder is refused,
+  never mixed.
 - ``git_commit``: the commit of this checkout, flagged when the library has uncommitted
   changes.
 - ``portable_path`` / ``portable``: paths in recorded results, without the absolute paths
@@ -24,12 +27,13 @@ Paths are normalised first (``/work/main/../shared`` is ``/work/shared``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, Type
 
 
 # ------------------------------------------------------------------------ atomic files
@@ -63,6 +67,27 @@ def _umask() -> int:
 def atomic_write_text(path, text: str) -> None:
     """``atomic_write_bytes`` for text (UTF-8): configs, run records, metrics."""
     atomic_write_bytes(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+MANIFEST = "manifest.json"
+
+
+def check_manifest(folder, manifest: Dict[str, Any], what: str, error: Type[Exception]) -> bool:
+    """True if ``folder`` holds (part of) the ``what`` that ``manifest`` describes (its
+    manifest.json is ``manifest``), False if it holds no manifest.json; ``error``, in one line
+    saying what differs, if it holds ``what`` of another request. Writes nothing."""
+    mpath = Path(folder) / MANIFEST
+    if not mpath.exists():
+        return False
+    try:
+        old = json.loads(mpath.read_text())
+    except ValueError:
+        raise error(f"{mpath} is not readable JSON; delete {folder} to make the {what} again") from None
+    if old == manifest:
+        return True
+    diff = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(manifest.get(k))} now"
+                     for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k))
+    raise error(f"{folder} holds {what} of a different run ({diff}); use another --out folder or delete {folder}")
 
 
 def git_commit() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -150,14 +151,19 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup_distributed(device: torch.device) -> Dist:
+def setup_distributed(device: torch.device, backend: Optional[str] = None,
+                      timeout: Optional[timedelta] = None) -> Dist:
     """Join the process group that torchrun (or a test) describes in the environment
-    (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process otherwise."""
+    (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process otherwise.
+    ``backend``: None for NCCL on CUDA and gloo elsewhere (training all-reduces gradients);
+    evaluation passes gloo, as its processes exchange only waits and short lists. ``timeout``:
+    how long a rank waits for the others in a collective (None: torch's default)."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if ws <= 1:
         return Dist()
     created = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kw = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), **kw)
         created = True
     return Dist(dist.get_rank(), dist.get_world_size(), created)

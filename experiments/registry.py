@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 PROFILES = ("paper", "quick", "smoke")
+TABLE1_RUNS = ("eps_simple", "eps_vlb")  # Table 1's rows (L_simple and L), also cells of Table 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,18 @@ class Eval:
     # at most this many images per split for the bound (fewer than the profile's nll_n, where an
     # evaluation needs only a curve's shape from a slow network); None: the profile's
     max_nll_n: Optional[int] = None
+    # the runs whose NLL also covers the train split. An evaluation is shared by name by every
+    # experiment that reads it (Table 1's runs are Table 2 cells, evaluated once by "main"), so the
+    # split is asked for by run: only Table 1 prints NLL test (train), and at the paper's scale the
+    # train bound (50,000 images x T) costs as much as the 50,000 samples. Every other NLL: test.
+    # So released_cifar10 (not a Table 1 run), the beta_tilde evaluation and mnist_seed get no NLL
+    # train, at the paper profile either: nothing in analysis/ reads theirs.
+    nll_train_runs: Tuple[str, ...] = ()
+
+    def nll_splits(self, run: str, profile: str) -> Tuple[str, ...]:
+        """The splits of this evaluation's NLL on ``run`` at ``profile``: test, and train for
+        nll_train_runs where the profile evaluates the train split at all (EVAL_SIZE nll_train)."""
+        return ("test", "train") if EVAL_SIZE[profile]["nll_train"] and run in self.nll_train_runs else ("test",)
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ RUNS: Dict[str, Run] = {r.name: r for r in [
 # Evaluations are shared by name: a run evaluated for two experiments is evaluated once.
 # One evaluation process per run does samples and bound together (each process pays for
 # loading the networks again).
-MAIN = Eval("main", ("fid", "is", "kid", "nll", "rd"))
+MAIN = Eval("main", ("fid", "is", "kid", "nll", "rd"), nll_train_runs=TABLE1_RUNS)
 MAIN_BT = Eval("beta_tilde", ("fid", "is", "kid", "nll"), "beta_tilde")
 FIGURES = Eval("figures", (), figures=True)  # the figures alone
 # rate-distortion (the test bound) and Figs. 5-8; the bound of a 32x32 RGB network on 32 images (about
@@ -100,7 +113,7 @@ SAMPLER_STEPS = (10, 20, 50, 100, 1000)  # the DDIM paper's Table 1 columns (100
 FEW_STEPS = tuple(Eval(f"{kind}_{k}", ("fid", "kid"), sampler=kind, steps=k)
                   for kind in ("respaced", "ddim") for k in SAMPLER_STEPS)
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
-    Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", ("eps_simple", "eps_vlb"), (MAIN,)),
+    Experiment("table1", "Table 1 (CIFAR10: IS, FID, NLL test/train)", TABLE1_RUNS, (MAIN,)),
     Experiment("table2", "Table 2 (parameterization x objective, IS / FID)",
                ("mu_vlb_learned", "mu_vlb", "mu_simple", "eps_vlb_learned", "eps_vlb", "eps_simple"),
                (MAIN,), "run in every cell, including those the paper reports as unstable"),
@@ -152,16 +165,17 @@ PROFILE_PRESET: Dict[Tuple[str, str], str] = {
 }
 
 # How a profile evaluates: samples for FID/KID/IS (n), images per split for the bound over all
-# T steps (nll_n; None = the whole split: 10k test, 50k train), the splits the bound runs on,
-# the FID/KID reference set (its split and size: the paper's 50k training images; at the quick
-# profile N test images, so that N samples are read against the floor of N real training
-# images), the sampling batch, and bf16 autocast for sampling (never for the bound).
+# T steps (nll_n; None = the whole split: 10k test, 50k train), whether the bound runs on the
+# train split too where an evaluation asks for it (nll_train; Eval.nll_splits: Table 1's runs;
+# every NLL is on test), the FID/KID reference set (its split and size: the paper's 50k training
+# images; at the quick profile N test images, so that N samples are read against the floor of N
+# real training images), the sampling batch, and bf16 autocast for sampling (never for the bound).
 EVAL_SIZE: Dict[str, Dict[str, object]] = {
-    "paper": {"n": 50_000, "nll_n": None, "nll_splits": ("test", "train"), "ref_split": "train", "ref_n": None,
+    "paper": {"n": 50_000, "nll_n": None, "nll_train": True, "ref_split": "train", "ref_n": None,
               "batch": 256, "bf16": False},
-    "quick": {"n": 500, "nll_n": 200, "nll_splits": ("test",), "ref_split": "test", "ref_n": 500,
+    "quick": {"n": 500, "nll_n": 200, "nll_train": False, "ref_split": "test", "ref_n": 500,
               "batch": 100, "bf16": True},
-    "smoke": {"n": 8, "nll_n": 2, "nll_splits": ("test",), "ref_split": "test", "ref_n": 32,
+    "smoke": {"n": 8, "nll_n": 2, "nll_train": False, "ref_split": "test", "ref_n": 32,
               "batch": 256, "bf16": True},
 }
 

@@ -20,7 +20,13 @@ with OMP_NUM_THREADS = cores / jobs. On a GPU machine, every visible GPU
 training that gets K > 1 GPUs (registry.GPUS_PER_RUN: CelebA-HQ at the paper profile; or
 --gpus-per-run K) runs under torchrun over K GPUs; stages queue for free GPUs, first come,
 first served. --plan prints the schedule, GPU-hours from a few timed steps on this machine's
-GPU, and the expected end, and starts nothing.
+GPU, and the expected end, and starts nothing. With --launcher slurm each stage is one Slurm job
+instead, through submitit, the same command on the job's GPUs (experiments/slurm.py).
+
+Before a paper-profile run (--preflight at the others, --no-preflight to skip it),
+experiments/preflight.py checks CUDA and the GPUs, the data, the Inception weights, free disk
+and one training step of each configuration, and exits 2 with what is missing.
+
 Checkpoints, samples and logs go under --runs-dir (default runs/, not in git); small
 machine-readable results go under --results-dir (default results/):
 
@@ -69,7 +75,12 @@ def default_profile() -> str:
 _CHILD_ENV: Optional[dict] = None
 _POOL: Optional[GpuPool] = None
 _GPUS_PER_RUN: Optional[int] = None
+# --launcher slurm: the experiments.slurm.SlurmLauncher that runs each stage as a job (None: here)
+_SLURM = None
 _PRINT_LOCK = threading.Lock()
+# the ddpm processes running now (a Slurm job stops them when preempted: experiments.slurm); no
+# lock: that happens in a signal handler, and one set operation is atomic under the GIL
+_RUNNING: set = set()
 # A tqdm progress line of a child ("sample:  45%|####  | 225/500 [01:02<01:15, 3.6it/s]").
 _TQDM = re.compile(r"(?:(?P<desc>[^|]*?):\s*)?(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?)"
                    r"\s*\[(?P<elapsed>[^<\]]*)<(?P<eta>[^,\]]*)")
@@ -146,6 +157,31 @@ class Ran(NamedTuple):
 
 
 def _stage(argv: List[str], log: Path, label: str, gpus: int = 1) -> Ran:
+    """``python -m ddpm ARGV``: on this machine (``run_here``), or with --launcher slurm the same
+    in a Slurm job of its own, on ``gpus`` GPUs (at most --slurm-gpus-per-node)."""
+    if _SLURM is None:
+        return run_here(argv, log, label, gpus)
+    from .slurm import SlurmError, StageJob
+
+    k = min(gpus, _SLURM.gpus_per_node)
+    _BOARD.start(label)
+    job = _SLURM.submit(StageJob(argv, str(log), label, k), k, label)
+    _BOARD.update(label, f"Slurm job {job.job_id}")
+    _say(f"submit {label} as Slurm job {job.job_id} ({k} GPU{'s' if k != 1 else ''}; log: {_rel(log)})")
+    try:
+        ran = _SLURM.result(job)
+    except SlurmError as e:  # cancelled, killed, its node lost: a failure, retried by the next call
+        ran = Ran(1, [f"error: {e}"], [])
+    _ended(label, ran.rc, ran.tail, log)
+    return ran
+
+
+def running() -> List[subprocess.Popen]:
+    """The ddpm processes this process is running now."""
+    return list(_RUNNING)
+
+
+def run_here(argv: List[str], log: Path, label: str, gpus: int = 1) -> Ran:
     """``python -m ddpm ARGV`` on this machine: on the CPU, or once ``gpus`` GPUs are free,
     pinned to them (over torchrun when more than one)."""
     if _POOL is None:
@@ -200,6 +236,7 @@ def _call(cmd: List[str], log: Path, label: str, env: Optional[dict] = None, whe
         # text mode reads tqdm's carriage-return refreshes as lines of their own
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
                                 bufsize=1, env=env)
+        _RUNNING.add(proc)
         bar, last = None, None
         for line in proc.stdout:
             line = _ANSI.sub("", line.rstrip("\n")).rstrip()
@@ -220,15 +257,21 @@ def _call(cmd: List[str], log: Path, label: str, env: Optional[dict] = None, whe
                 tail = (tail + [line])[-200:]
             f.flush()
         rc = proc.wait()
+        _RUNNING.discard(proc)
         if bar and bar != last:
             f.write(bar + "\n")
+    _ended(label, rc, tail, log)
+    return rc, tail
+
+
+def _ended(label: str, rc: int, tail: List[str], log: Path) -> None:
+    """Says that a stage ended: its time, or on failure its log's last lines."""
     took = _BOARD.end(label)
     if rc == 0:
         _say(f"done  {label} in {_duration(took)}")
     else:
         _say(f"FAILED {label} (exit {rc}) after {_duration(took)}; last lines of {_rel(log)}:\n"
              + "\n".join("    " + t for t in tail[-15:]))
-    return rc, tail
 
 
 def _rel(path: Path) -> str:
@@ -317,12 +360,20 @@ def train_run(name: str, profile: str, runs_dir: Path, results_dir: Path, data_d
 
 
 def gpus_wanted(name: str, profile: str) -> int:
-    """GPUs for training run ``name`` at ``profile`` on this machine (0 on a CPU machine)."""
-    if _POOL is None:
+    """GPUs for training run ``name`` at ``profile`` on this machine (0 on a CPU machine), or in
+    a Slurm job (--launcher slurm: at most --slurm-gpus-per-node)."""
+    n = len(_POOL.ids) if _POOL is not None else _SLURM.gpus_per_node if _SLURM is not None else 0
+    return training_gpus(name, profile, n, _GPUS_PER_RUN)
+
+
+def training_gpus(name: str, profile: str, n_gpus: int, gpus_per_run: Optional[int] = None) -> int:
+    """GPUs for training run ``name`` at ``profile`` where ``n_gpus`` are to be had (0: none):
+    --gpus-per-run, else the registry's GPUS_PER_RUN, else 1, fitted by gpus_for."""
+    if n_gpus <= 0:
         return 0
     run = RUNS[name]
-    want = _GPUS_PER_RUN or GPUS_PER_RUN.get((profile, run.family), 1)
-    return gpus_for(get_preset(*run_config_args(run, profile)), want, len(_POOL.ids))
+    want = gpus_per_run or GPUS_PER_RUN.get((profile, run.family), 1)
+    return gpus_for(get_preset(*run_config_args(run, profile)), want, n_gpus)
 
 
 # What is copied from an evaluation's folder (under runs/) into results/: small files only,
@@ -356,7 +407,7 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
     ckpt = checkpoint or runs_dir / profile / name / FINAL
     cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
            "--n", str(size["n"]), "--out", str(work), "--seed", "0", "--reference-split", size["ref_split"],
-           "--nll-splits", ",".join(size["nll_splits"]), "--batch-size", str(size["batch"])]
+           "--nll-splits", ",".join(ev.nll_splits(name, profile)), "--batch-size", str(size["batch"])]
     for flag, value in (("--nll-n", nll_images(ev, profile)), ("--reference-n", size["ref_n"])):
         if value is not None:
             cmd += [flag, str(value)]
@@ -419,14 +470,27 @@ def default_jobs() -> int:
 def run_experiments(names: List[str], profile: str, runs_dir: Path, results_dir: Path,
                     data_dir: Optional[str], jobs: int = 1, progress_every: float = 60.0,
                     released_dir: Optional[Path] = None, gpus: Optional[List[str]] = None,
-                    gpus_per_run: Optional[int] = None, plan: bool = False) -> None:
+                    gpus_per_run: Optional[int] = None, plan: bool = False, launcher=None,
+                    preflight: bool = False, allow_no_is: bool = False) -> None:
     """Train and evaluate what ``names`` need. ``gpus``: the GPUs to share out (default: every
     visible one; [] runs on the CPU); ``gpus_per_run``: GPUs per training (default: 1, or the
-    registry's GPUS_PER_RUN); ``plan``: print the schedule and its GPU-hours, start nothing."""
-    global _CHILD_ENV, _BOARD, _POOL, _GPUS_PER_RUN
+    registry's GPUS_PER_RUN); ``plan``: print the schedule and its GPU-hours, start nothing;
+    ``launcher``: an experiments.slurm.SlurmLauncher (each stage a Slurm job; this machine's GPUs
+    unused), None: here; ``preflight``: first check what the runs need (experiments.preflight;
+    exit 2 if something blocks), ``allow_no_is``: accepting Inception weights without IS."""
+    global _CHILD_ENV, _BOARD, _POOL, _GPUS_PER_RUN, _SLURM
     released_dir = Path(released_dir or ROOT / "released")
-    gpus = visible_gpus() if gpus is None else list(gpus)
-    _POOL, _GPUS_PER_RUN = (GpuPool(gpus) if gpus else None), gpus_per_run
+    gpus = [] if launcher is not None else visible_gpus() if gpus is None else list(gpus)
+    _POOL, _GPUS_PER_RUN, _SLURM = (GpuPool(gpus) if gpus else None), gpus_per_run, launcher
+    if preflight:
+        from .preflight import run_preflight
+
+        # --download, as the trainings get it: a missing MNIST / CIFAR10 is fetched now, not in a day
+        rc = run_preflight(names, profile, runs_dir, results_dir, data_dir,
+                           n_gpus=launcher.gpus_per_node if launcher is not None else len(gpus),
+                           gpus_per_run=gpus_per_run, allow_no_is=allow_no_is, launcher=launcher, download=True)
+        if rc:
+            raise SystemExit(rc)
     runs = runs_for(names)
     evals = {}  # run -> {eval name: Eval}, shared across experiments
     for e in names:
@@ -565,11 +629,12 @@ def nll_images(ev: Eval, profile: str) -> Optional[int]:
     return ev.max_nll_n if ev.max_nll_n is not None and (n is None or ev.max_nll_n < n) else n
 
 
-def eval_forwards(ev: Eval, cfg, profile: str) -> int:
-    """Network calls (one image each) of evaluation ``ev`` of a run of ``cfg`` at ``profile``."""
+def eval_forwards(ev: Eval, cfg, profile: str, run: str) -> int:
+    """Network calls (one image each) of evaluation ``ev`` of run ``run`` (of config ``cfg``) at
+    ``profile``."""
     size, T = EVAL_SIZE[profile], cfg.diffusion.T
     n = size["n"] * (ev.steps or T) if set(ev.metrics) & {"fid", "is", "kid"} else 0
-    for split in size["nll_splits"] if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
+    for split in ev.nll_splits(run, profile) if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
         n += (nll_images(ev, profile) or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
     return n + (FIGURE_CHAINS * T if ev.figures else 0)
 
@@ -578,9 +643,10 @@ def run_forwards(name: str, evals: Dict[str, Eval], profile: str) -> int:
     """About the network calls of run ``name`` at ``profile`` (one image each; a training step of
     an image counts as 3: forward and backward): the order in which runs are started."""
     if RUNS[name].released:
-        return sum(eval_forwards(ev, get_preset("cifar10"), profile) for ev in evals.values())
+        return sum(eval_forwards(ev, get_preset("cifar10"), profile, name) for ev in evals.values())
     cfg = get_preset(*run_config_args(RUNS[name], profile))
-    return 3 * cfg.train.steps * cfg.train.batch_size + sum(eval_forwards(ev, cfg, profile) for ev in evals.values())
+    return 3 * cfg.train.steps * cfg.train.batch_size + sum(eval_forwards(ev, cfg, profile, name)
+                                                            for ev in evals.values())
 
 
 class _Timer:
@@ -646,7 +712,7 @@ def _print_schedule(profile, runs, evals, same_as, jobs, runs_dir, results_dir) 
         for name, ev in evals[r].items():
             if _eval_done(results_dir, profile, r, name):
                 continue
-            calls = eval_forwards(ev, cfg, profile)
+            calls = eval_forwards(ev, cfg, profile, r)
             per_call = timer.forward(cfg) if timer else None
             notes[(r, f"eval {name}")] = f"{calls:,} network calls" + (
                 f", {per_call * 1e3:.3f} ms each" if per_call else ", OUT OF MEMORY" if timer else "")
@@ -707,6 +773,25 @@ def main(argv=None) -> int:
                    help="where released models' diffusers folders are (e.g. released/ddpm-cifar10-32)")
     p.add_argument("--progress-every", type=float, default=60.0,
                    help="seconds between status lines of the running stages (0: none)")
+    p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
+                   help="check first what the runs need: CUDA and the GPUs, the data, the Inception weights, "
+                        "free disk, one training step of each configuration (experiments/preflight.py); exit 2 "
+                        "if something blocks (default: at the paper profile, not with --plan)")
+    p.add_argument("--allow-no-is", action="store_true",
+                   help="preflight: accept Inception weights without logits (no Inception Score) at the paper "
+                        "profile; recorded in results/<profile>/preflight.json")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="where each training and evaluation runs: on this machine (default), or as one Slurm "
+                        "job each, through submitit (pip install -e '.[slurm]'; experiments/slurm.py)")
+    p.add_argument("--slurm-partition", default=None, help="--launcher slurm: the partition (default: the cluster's)")
+    p.add_argument("--slurm-account", default=None, help="--launcher slurm: the account to charge")
+    p.add_argument("--slurm-time", type=float, default=None, metavar="HOURS",
+                   help="--launcher slurm: a job's time limit (default 24); a training at its limit saves, is "
+                        "requeued and resumes")
+    p.add_argument("--slurm-gpus-per-node", type=int, default=None, metavar="N",
+                   help="--launcher slurm: the most GPUs a job asks for (default 8: one node); 0: CPU jobs")
+    p.add_argument("--slurm-cpus-per-gpu", type=int, default=None, metavar="N",
+                   help="--launcher slurm: CPUs a job asks for per GPU (default 4)")
     args = p.parse_args(argv)
     if args.list:
         for e in EXPERIMENTS.values():
@@ -724,9 +809,34 @@ def main(argv=None) -> int:
                 + "; ".join(f"{n}: {', '.join(EXPERIMENTS[n].profiles)}" for n in elsewhere) + ")")
     if args.gpus_per_run is not None and args.gpus_per_run < 1:
         p.error(f"--gpus-per-run {args.gpus_per_run}: must be at least 1")
+    slurm = {k: v for k, v in vars(args).items() if k.startswith("slurm_") and v is not None}
+    launcher = None
+    if args.launcher == "slurm":
+        from .slurm import SlurmError, SlurmLauncher
+
+        if args.profile is None:
+            p.error("--launcher slurm: name the profile (--profile paper | quick | smoke); this machine's GPUs "
+                    "do not decide it")
+        if args.plan:
+            p.error("--plan times steps on this machine's GPUs: run it on a GPU node without --launcher slurm")
+        try:
+            launcher = SlurmLauncher(Path(args.runs_dir) / profile / "slurm",
+                                     gpus_per_node=slurm.get("slurm_gpus_per_node", 8),
+                                     cpus_per_gpu=slurm.get("slurm_cpus_per_gpu", 4),
+                                     hours=slurm.get("slurm_time", 24.0), partition=args.slurm_partition,
+                                     account=args.slurm_account)
+        except SlurmError as e:
+            p.error(str(e))
+        launcher.cancel_on_interrupt()  # Ctrl-C cancels the jobs in flight
+    elif slurm:
+        p.error(f"{', '.join('--' + k.replace('_', '-') for k in slurm)}: only with --launcher slurm")
+    preflight = args.preflight if args.preflight is not None else profile == "paper" and not args.plan
+    # Slurm queues the jobs: every run is submitted at once
+    jobs = args.jobs or (len(RUNS) if launcher is not None else default_jobs())
     run_experiments(names, profile, Path(args.runs_dir), Path(args.results_dir), args.data_dir,
-                    jobs=args.jobs or default_jobs(), progress_every=args.progress_every,
-                    released_dir=Path(args.released_dir), gpus_per_run=args.gpus_per_run, plan=args.plan)
+                    jobs=jobs, progress_every=args.progress_every,
+                    released_dir=Path(args.released_dir), gpus_per_run=args.gpus_per_run, plan=args.plan,
+                    launcher=launcher, preflight=preflight, allow_no_is=args.allow_no_is)
     return 0
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the project and everything its tests and runs need. Idempotent: quick when done already.
-#   bash scripts/install.sh            # the library, test tools, offline FID weights source
+#   bash scripts/install.sh            # the library, test tools (incl. submitit for the Slurm launcher's
+#                                      # tests), offline FID weights source
 #   bash scripts/install.sh --official # also diffusers (only for the released-weights parity tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras="test"
-[[ "${1:-}" == "--official" ]] && extras="test,official"
+extras="test,slurm"
+[[ "${1:-}" == "--official" ]] && extras="test,slurm,official"
 
 # torch/torchvision: pinned here so that machines with a local wheel cache (like the one this
 # project is developed on, which is offline) take them from disk. Online users may install any

@@ -1,9 +1,10 @@
 """``python -m ddpm eval``: the command line as an evaluation spec, run by ddpm.evaluate.
 
     python -m ddpm eval --checkpoint CKPT --metrics fid,is,kid,nll,rd --n N [--var beta|beta_tilde] ...
+    torchrun --nproc_per_node=K -m ddpm eval ...     # the same, shared by K processes (GPUs)
 
 writes OUT/metrics.json (the spec under run.spec, every value with how it was obtained) and
-the paper's figures.
+the paper's figures; under torchrun only rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def add_subcommand(subparsers) -> None:
         "eval", help="evaluate a checkpoint: FID/IS/KID, NLL (bits/dim), rate-distortion, figures",
         description="Writes OUT/metrics.json and the paper's figures. The request (data, Inception "
                     "weights, OUT) is checked before any sampling. Samples go to OUT/samples in "
-                    "shards: an interrupted eval resumes when run again. A second eval into the same "
+                    "shards and the bound to OUT/bound_<split>/ in batches: an interrupted eval resumes "
+                    "when run again. Under `torchrun --nproc_per_node=K -m ddpm eval ...` K processes "
+                    "(one GPU each) share the shards and batches, and rank 0 computes the metrics: the "
+                    "same numbers for any K. A second eval into the same "
                     "OUT (same checkpoint, EMA flag and variance) adds to metrics.json; another "
                     "evaluation's OUT is refused. FID/KID need the Inception weights: online they are "
                     "downloaded by torch-fidelity; offline set DDPM_INCEPTION_WEIGHTS (see "
@@ -100,6 +104,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     report = run_evaluation(spec, progress=not args.no_progress)
+    if report is None:  # a process of torchrun's other than rank 0: rank 0 reports
+        return 0
     # what each value is, briefly; "unavailable" says why a value is null (e.g. IS offline)
     short = {k: {kk: v.get(kk) for kk in ("value", "se", "std", "n", "elapsed_s", "unavailable") if kk in v}
              for k, v in report["results"].items()}
