@@ -52,7 +52,7 @@ from ddpm.rundir import CONFIG, FINAL, RUN, SAMPLES, STATS
 from ddpm.train import EXIT_DIVERGED
 
 from .gpus import GpuPool, Stage, gpus_for, launch, simulate, visible_gpus
-from .registry import (DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, GPUS_PER_RUN, PROFILES, RUNS, Eval,
+from .registry import (DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, GPUS_PER_RUN, PROFILES, RUNS, Eval, eval_size,
                        experiments_for, run_config_args, runs_for)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,11 +353,12 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
         _say(f"skip  {name} eval {ev.name}: done earlier")
         return
     size = EVAL_SIZE[profile]
+    n, metrics, nll_n = eval_size(name, ev, profile)
     ckpt = checkpoint or runs_dir / profile / name / FINAL
-    cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
-           "--n", str(size["n"]), "--out", str(work), "--seed", "0", "--reference-split", size["ref_split"],
+    cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(metrics) or "none",
+           "--n", str(n), "--out", str(work), "--seed", "0", "--reference-split", size["ref_split"],
            "--nll-splits", ",".join(size["nll_splits"]), "--batch-size", str(size["batch"])]
-    for flag, value in (("--nll-n", nll_images(ev, profile)), ("--reference-n", size["ref_n"])):
+    for flag, value in (("--nll-n", nll_n), ("--reference-n", size["ref_n"])):
         if value is not None:
             cmd += [flag, str(value)]
     if size["bf16"]:
