@@ -179,6 +179,28 @@ EVAL_SIZE: Dict[str, Dict[str, object]] = {
               "batch": 256, "bf16": True},
 }
 
+# Runs that need less than the profile's evaluation there: at the quick profile, the Table 2 cells
+# outside Table 1 are read for stability and a KID beside the eps / L_simple cell's (N = 200, no
+# bound), the seed report's model for its FID at N = 500 (no bound), and the CIFAR10-subset model for
+# the shape of Fig. 5 (16 images). Measured: the quick run must end in 2.5 h on 2 CPU cores that
+# give about 1.3x one core when both are busy (results/quick/recipe_search.md, section 6).
+SMALLER_EVAL: Dict[Tuple[str, str], Dict[str, object]] = {
+    **{("quick", r): {"n": 200, "without": ("nll", "rd")}
+       for r in ("mu_vlb_learned", "mu_vlb", "mu_simple", "eps_vlb_learned")},
+    ("quick", "mnist_seed"): {"without": ("nll", "rd")},
+    ("quick", "cifar10_subset"): {"nll_n": 16},
+}
+
+
+def eval_size(run: str, ev: Eval, profile: str) -> Tuple[int, Tuple[str, ...], Optional[int]]:
+    """(samples, metrics, bound images per split; None = the whole split) of evaluation ``ev`` of
+    run ``run`` at ``profile``: the profile's EVAL_SIZE, the evaluation's own cap, SMALLER_EVAL."""
+    size, small = EVAL_SIZE[profile], SMALLER_EVAL.get((profile, run), {})
+    nll_n = min((v for v in (size["nll_n"], ev.max_nll_n, small.get("nll_n")) if v is not None), default=None)
+    metrics = tuple(m for m in ev.metrics if m not in small.get("without", ()))
+    return small.get("n", size["n"]), metrics, nll_n
+
+
 # Wall time of one training and one evaluation on a 2-core CPU at one thread each, as last
 # measured (quick: the run of 2026-11 recorded in results/quick; smoke: the CI test), for the
 # plan that run_all.sh prints before it starts. None: not measured (paper: GPU days).

@@ -59,6 +59,7 @@ from ddpm.train import EXIT_DIVERGED
 
 from .gpus import GpuPool, Stage, gpus_for, launch, simulate, visible_gpus
 from .registry import (DATA_NOTES, EST_SECONDS, EVAL_SIZE, EXPERIMENTS, GPUS_PER_RUN, PROFILES, RUNS, Eval,
+                       eval_size,
                        experiments_for, run_config_args, runs_for)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,11 +405,12 @@ def eval_run(name: str, ev: Eval, profile: str, runs_dir: Path, results_dir: Pat
         _say(f"skip  {name} eval {ev.name}: done earlier")
         return
     size = EVAL_SIZE[profile]
+    n, metrics, nll_n = eval_size(name, ev, profile)
     ckpt = checkpoint or runs_dir / profile / name / FINAL
-    cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(ev.metrics) or "none",
-           "--n", str(size["n"]), "--out", str(work), "--seed", "0", "--reference-split", size["ref_split"],
+    cmd = ["eval", "--checkpoint", str(ckpt), "--metrics", ",".join(metrics) or "none",
+           "--n", str(n), "--out", str(work), "--seed", "0", "--reference-split", size["ref_split"],
            "--nll-splits", ",".join(ev.nll_splits(name, profile)), "--batch-size", str(size["batch"])]
-    for flag, value in (("--nll-n", nll_images(ev, profile)), ("--reference-n", size["ref_n"])):
+    for flag, value in (("--nll-n", nll_n), ("--reference-n", size["ref_n"])):
         if value is not None:
             cmd += [flag, str(value)]
     if size["bf16"]:
@@ -623,19 +625,14 @@ FIGURE_CHAINS = 40  # about: Figs. 6-8 draw this many chains of T steps (ddpm.ev
 SPLIT_SIZES = {"cifar10": {"test": 10_000, "train": 50_000}, "mnist": {"test": 10_000, "train": 60_000}}
 
 
-def nll_images(ev: Eval, profile: str) -> Optional[int]:
-    """Images per split in evaluation ``ev``'s bound at ``profile`` (None: the whole split)."""
-    n = EVAL_SIZE[profile]["nll_n"]
-    return ev.max_nll_n if ev.max_nll_n is not None and (n is None or ev.max_nll_n < n) else n
-
-
 def eval_forwards(ev: Eval, cfg, profile: str, run: str) -> int:
     """Network calls (one image each) of evaluation ``ev`` of run ``run`` (of config ``cfg``) at
     ``profile``."""
-    size, T = EVAL_SIZE[profile], cfg.diffusion.T
-    n = size["n"] * (ev.steps or T) if set(ev.metrics) & {"fid", "is", "kid"} else 0
-    for split in ev.nll_splits(run, profile) if "nll" in ev.metrics else ("test",) if "rd" in ev.metrics else ():
-        n += (nll_images(ev, profile) or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
+    T = cfg.diffusion.T
+    samples, metrics, nll_n = eval_size(run, ev, profile)
+    n = samples * (ev.steps or T) if set(metrics) & {"fid", "is", "kid"} else 0
+    for split in ev.nll_splits(run, profile) if "nll" in metrics else ("test",) if "rd" in metrics else ():
+        n += (nll_n or SPLIT_SIZES.get(cfg.data.dataset, {}).get(split, 10_000)) * T
     return n + (FIGURE_CHAINS * T if ev.figures else 0)
 
 

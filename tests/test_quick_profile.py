@@ -36,7 +36,7 @@ from ddpm.config import Config, ConfigError, build_model, get_preset
 from ddpm.loading import load_model
 from ddpm.runtime import PRECISIONS, Bf16Network
 from experiments import run as R
-from experiments.registry import EVAL_SIZE, MAIN, RD_FIGURES, RUNS, Eval, experiments_for, run_config_args
+from experiments.registry import EVAL_SIZE, MAIN, RD_FIGURES, RUNS, Eval, eval_size, experiments_for, run_config_args
 
 # fixtures and helpers of the suites these changes extend
 from test_analysis import write_run
@@ -437,17 +437,27 @@ def test_eval_command_at_quick_samples_in_bf16_against_the_test_split_and_at_pap
     assert spec.reference_split == "train" and spec.nll_splits == ("test", "train")
     assert (spec.n, spec.nll_n, spec.reference_n) == (50_000, None, None)  # every image, as the paper
     argv, spec = _eval_args(monkeypatch, tmp_path, "cifar10_subset", RD_FIGURES, "quick")
-    assert spec.nll_n == 32 and spec.metrics == ("rd",) and spec.figures is True
+    assert spec.nll_n == 16 and spec.metrics == ("rd",) and spec.figures is True  # SMALLER_EVAL's 16
+    argv, spec = _eval_args(monkeypatch, tmp_path, "mu_simple", MAIN, "quick")  # a cell outside Table 1
+    assert spec.n == 200 and spec.metrics == ("fid", "is", "kid")
 
 
 def test_nll_images_is_the_smaller_of_the_profiles_and_the_evaluations_cap():
     assert EVAL_SIZE["quick"]["nll_n"] == 200 and EVAL_SIZE["paper"]["nll_n"] is None
-    assert R.nll_images(MAIN, "quick") == 200
-    assert R.nll_images(RD_FIGURES, "quick") == 32
-    assert R.nll_images(Eval("x", ("nll",), max_nll_n=500), "quick") == 200
-    assert R.nll_images(Eval("x", ("nll",), max_nll_n=200), "quick") == 200
-    assert R.nll_images(MAIN, "paper") is None  # the whole split stays the whole split ...
-    assert R.nll_images(RD_FIGURES, "paper") == 32  # ... unless the evaluation caps it
+    def nll_images(ev, profile, run="eps_simple"):
+        return eval_size(run, ev, profile)[2]
+
+    assert nll_images(MAIN, "quick") == 200
+    assert nll_images(RD_FIGURES, "quick") == 32
+    assert nll_images(Eval("x", ("nll",), max_nll_n=500), "quick") == 200
+    assert nll_images(Eval("x", ("nll",), max_nll_n=200), "quick") == 200
+    assert nll_images(MAIN, "paper") is None  # the whole split stays the whole split ...
+    assert nll_images(RD_FIGURES, "paper") == 32  # ... unless the evaluation caps it
+    # ... or the run needs less at that profile (registry.SMALLER_EVAL)
+    assert nll_images(RD_FIGURES, "quick", "cifar10_subset") == 16
+    assert eval_size("mu_simple", MAIN, "quick") == (200, ("fid", "is", "kid"), 200)
+    assert eval_size("mnist_seed", MAIN, "quick")[:2] == (500, ("fid", "is", "kid"))
+    assert eval_size("mu_simple", MAIN, "paper") == (50_000, MAIN.metrics, None)
 
 
 def test_quick_runs_start_costliest_first_and_cifar10_subset_trains_as_itself(tmp_path, monkeypatch, capsys):
