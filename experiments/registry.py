@@ -201,13 +201,14 @@ def eval_size(run: str, ev: Eval, profile: str) -> Tuple[int, Tuple[str, ...], O
     return small.get("n", size["n"]), metrics, nll_n
 
 
-# Wall time of one training and one evaluation on a 2-core CPU at one thread each, as last
-# measured (quick: the run of 2026-11 recorded in results/quick; smoke: the CI test), for the
-# plan that run_all.sh prints before it starts. None: not measured (paper: GPU days).
+# For the plan that run_all.sh prints before it starts: seconds per network call (one image; a
+# training image counts 3) and per stage (start-up, data, Inception), with two 1-thread processes
+# on this project's 2-core CPU, as last measured (quick: the run of 30 Nov 2026 in results/quick;
+# smoke: the CI test). None: not measured (paper: GPU days; --plan times the GPUs).
 EST_SECONDS: Dict[str, Optional[Dict[str, float]]] = {
     "paper": None,
-    "quick": {"train": 900.0, "eval": 950.0},
-    "smoke": {"train": 15.0, "eval": 22.0},
+    "quick": {"per_call": 0.0016, "per_stage": 150.0},
+    "smoke": {"per_call": 0.002, "per_stage": 25.0},
 }
 
 DATA_NOTES = {

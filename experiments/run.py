@@ -608,9 +608,12 @@ def _print_plan(profile, runs, evals, same_as, jobs, runs_dir, results_dir) -> N
         print(f"  {r:<20} {note}; evaluations: {', '.join(evals[r])}", flush=True)
     est = EST_SECONDS.get(profile)
     if est and (todo_train or todo_eval):
-        # a fewer-step evaluation (FID/KID only, K << T steps) costs a small part of a main one
-        cost = {(r, e): est["eval"] * (0.1 if evals[r][e].steps else 1.0) for r, e in todo_eval}
-        total = (len(todo_train) * est["train"] + sum(cost.values())) / jobs
+        # network calls (a training image counts 3: forward and backward) at the measured seconds per
+        # call, and a fixed cost per stage (start-up, data, the Inception network)
+        cfgs = {r: get_preset(*run_config_args(RUNS[r], profile)) for r in runs if not RUNS[r].released}
+        calls = sum(3 * cfgs[r].train.steps * cfgs[r].train.batch_size for r in todo_train)
+        calls += sum(eval_forwards(evals[r][e], cfgs[r], profile, r) for r, e in todo_eval if r in cfgs)
+        total = (calls * est["per_call"] + (len(todo_train) + len(todo_eval)) * est["per_stage"]) / jobs
         print(f"estimated time: about {_duration(total)} (from the last measured run of this profile on a "
               f"2-core CPU; more on a busier or smaller machine)", flush=True)
     elif todo_train or todo_eval:

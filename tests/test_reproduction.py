@@ -138,7 +138,10 @@ def test_the_screen_shows_a_plan_one_line_per_stage_and_a_summary_with_logs_kept
     assert "not applicable at the smoke profile (more sampling steps than T): eps_simple respaced_50" in first
     assert any(line.startswith("estimated time: about") for line in lines)
     assert "\r" not in first and "%|" not in first  # no child progress bars interleaved on the screen
-    n_stages = len(runs_for(SMOKE)) - 1 + len(smoke_evals()) - 1  # trainings + evaluations run (one reused)
+    # trainings and evaluations run: mnist_seed reuses eps_simple's training and both its evaluations
+    reused = {(r, e) for r, e in smoke_evals() if r == "mnist_seed"}
+    assert {e for _, e in reused} <= {e for r, e in smoke_evals() if r == "eps_simple"}
+    n_stages = len(runs_for(SMOKE)) - 1 + len(smoke_evals()) - len(reused)
     assert sum(" done  " in line for line in lines) == n_stages
     assert any(line.startswith("summary (smoke profile") for line in lines)
     logs = results.parents[1] / "runs" / "smoke"
@@ -186,7 +189,7 @@ def test_second_call_resumes_by_skipping_finished_work(smoke):
     _, first, second = smoke
     # the first call skips only what the reusing run finds done by the run it reuses
     lines = first.splitlines()
-    reuse_at = next(i for i, line in enumerate(lines) if "reuse celebahq" in line)
+    reuse_at = next(i for i, line in enumerate(lines) if "reuse mnist_seed" in line)
     assert all(i > reuse_at for i, line in enumerate(lines) if "] skip " in line)
     n_evals = sum(1 for line in second.splitlines() if "] skip " in line and ": done earlier" in line)
     assert n_evals == len(smoke_evals())
