@@ -207,7 +207,7 @@ def eval_size(run: str, ev: Eval, profile: str) -> Tuple[int, Tuple[str, ...], O
 # smoke: the CI test). None: not measured (paper: GPU days; --plan times the GPUs).
 EST_SECONDS: Dict[str, Optional[Dict[str, float]]] = {
     "paper": None,
-    "quick": {"per_call": 0.0016, "per_stage": 150.0},
+    "quick": {"per_call": 0.00125, "per_stage": 110.0},
     "smoke": {"per_call": 0.002, "per_stage": 25.0},
 }
 
