@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import paper as P
+from .report import embed_block
 from .results import RunResult, load_profile
 
 Claim = Dict[str, Any]  # id, claim, paper, ours, verdict, where
@@ -344,19 +345,6 @@ def training_curves(results_dir, profile: str, path: Path) -> Optional[Path]:
     return path
 
 
-def embed(readme: Path, profile: str, md: str) -> bool:
-    """Replace what stands between ``<!-- claims:PROFILE -->`` and ``<!-- /claims:PROFILE -->``."""
-    begin, end = f"<!-- claims:{profile} -->", f"<!-- /claims:{profile} -->"
-    text = readme.read_text()
-    i, j = text.find(begin), text.find(end)
-    if i < 0 or j < i:
-        return False
-    new = text[:i + len(begin)] + "\n" + md + "\n" + text[j:]
-    if new != text:
-        readme.write_text(new)
-    return True
-
-
 def write_claims(results_dir, profile: str) -> List[Path]:
     base = Path(results_dir) / profile
     cs = claims(results_dir, profile)
@@ -368,7 +356,7 @@ def write_claims(results_dir, profile: str) -> List[Path]:
     if fig:
         out.append(fig)
     readme = Path(results_dir) / "README.md"
-    if readme.exists() and embed(readme, profile, md):
+    if readme.exists() and embed_block(readme, "claims", profile, md):
         out.append(readme)
     return out
 

@@ -409,16 +409,16 @@ def write_report(results_dir, profile: str) -> List[Path]:
     if fig:
         written.append(fig)
     readme = Path(results_dir) / "README.md"
-    if readme.exists() and embed_tables(readme, profile, "\n".join(to_markdown(t, level=4) for t in ts)):
+    if readme.exists() and embed_block(readme, "tables", profile, "\n".join(to_markdown(t, level=4) for t in ts)):
         written.append(readme)
     return written
 
 
-def embed_tables(readme: Path, profile: str, md: str) -> bool:
-    """Replace what stands between ``<!-- tables:PROFILE -->`` and ``<!-- /tables:PROFILE -->``
-    in a hand-written report with the regenerated tables, so its numbers never drift from
-    results/. Returns whether the markers were there."""
-    begin, end = f"<!-- tables:{profile} -->", f"<!-- /tables:{profile} -->"
+def embed_block(readme: Path, kind: str, profile: str, md: str) -> bool:
+    """Replace what stands between ``<!-- KIND:PROFILE -->`` and ``<!-- /KIND:PROFILE -->`` in a
+    hand-written report with regenerated text (the tables; analysis.claims: the claims), so its
+    numbers never drift from results/. Returns whether the markers were there."""
+    begin, end = f"<!-- {kind}:{profile} -->", f"<!-- /{kind}:{profile} -->"
     text = readme.read_text()
     i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:

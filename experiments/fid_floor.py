@@ -87,13 +87,12 @@ def main(argv=None) -> int:
         print(f"no cifar10 or mnist runs under {path.parent}/: nothing to do")
         return 0
     from ddpm.data import DataError
+    from ddpm.config import get_preset
     from ddpm.inception import FidelityError
 
     try:
         out, by_data = {}, {}  # families on the same data (the CPU profiles' cifar10 grid is MNIST) share one
         for f in families:
-            from ddpm.config import get_preset
-
             data = json.dumps(get_preset(*run_config_args(RUNS[FAMILIES[f]], args.profile)).to_dict()["data"])
             if data not in by_data:
                 by_data[data] = floor(args.profile, f, args.data_dir, args.inception_weights)

@@ -192,38 +192,8 @@ def sample_images(ckpt, n, batch, variant="fp32", seed=0, var=None, ema=True, st
     return imgs, time.time() - t0, cfg, int(state["step"])
 
 
-def kid_jackknife(f1, f2):
-    """Unbiased MMD^2 (KID's cubic polynomial kernel) on the whole sets, and its delete-one
-    jackknife standard error (images of either set left out in turn; the two variances add)."""
-    import numpy as np
-
-    x, y = f1.double().numpy(), f2.double().numpy()
-    d = x.shape[1]
-    kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-    n, m = len(x), len(y)
-    np.fill_diagonal(kxx, 0)
-    np.fill_diagonal(kyy, 0)
-    sxx, syy, sxy = kxx.sum(), kyy.sum(), kxy.sum()
-    mmd = sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
-    # leave out x_i: its row and column of kxx and its row of kxy go
-    lx = (sxx - 2 * kxx.sum(1)) / ((n - 1) * (n - 2)) + syy / (m * (m - 1)) - 2 * (sxy - kxy.sum(1)) / ((n - 1) * m)
-    ly = sxx / (n * (n - 1)) + (syy - 2 * kyy.sum(1)) / ((m - 1) * (m - 2)) - 2 * (sxy - kxy.sum(0)) / (n * (m - 1))
-    var = (n - 1) / n * ((lx - lx.mean()) ** 2).sum() + (m - 1) / m * ((ly - ly.mean()) ** 2).sum()
-    return float(mmd), float(np.sqrt(var))
-
-
-def fid_bootstrap_se(f1, f2, reps=10, seed=0):
-    """Std of FID over bootstrap resamples of the samples (reference fixed): the sampling part of
-    FID's spread at this N (FID's small-N bias is not in it; read FIDs against the floor)."""
-    from ddpm.fidelity import fid_from_features
-
-    g = torch.Generator().manual_seed(seed)
-    vals = [fid_from_features(f1[torch.randint(0, len(f1), (len(f1),), generator=g)], f2) for _ in range(reps)]
-    return float(torch.tensor(vals).std())
-
-
 def metrics(images, ref_spec, ref_n, data_dir, save_feats=None):
-    from ddpm.fidelity import fid_from_features, kid_from_features
+    from ddpm.fidelity import fid_bootstrap_se, fid_from_features, kid_from_features, kid_unbiased
     from ddpm.inception import Inception
     from ddpm.sources import load_images
 
@@ -235,9 +205,9 @@ def metrics(images, ref_spec, ref_n, data_dir, save_feats=None):
     f2 = inc.features_cached(lambda: ref, key)["2048"]
     if save_feats:
         torch.save(f1, save_feats)
-    kid, kid_se = kid_jackknife(f1, f2)
+    kid, kid_se = kid_unbiased(f1, f2)
     kid_tf, kid_tf_std, size = kid_from_features(f1, f2, subsets=100, subset_size=min(1000, len(f1), len(f2)))
-    return {"fid": fid_from_features(f1, f2), "fid_boot_se": fid_bootstrap_se(f1, f2), "kid": kid,
+    return {"fid": fid_from_features(f1, f2), "fid_boot_se": fid_bootstrap_se(f1, f2, seed=0), "kid": kid,
             "kid_se": kid_se, "kid_torch_fidelity": kid_tf, "kid_torch_fidelity_subset_size": size,
             "n_reference": int(len(f2)), "reference": desc, "inception_s": round(inc_s, 1)}
 

@@ -25,25 +25,9 @@ from conftest import require_fid_helper
 from ddpm import evaluate as E
 from ddpm.data import to_model_range
 from ddpm.runtime import Dist, derive_seed
+from test_evaluate import tiny_checkpoint  # noqa: F401  (fixture: a tiny MNIST checkpoint, T = 21)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from ddpm.checkpoint import save_checkpoint
-    from ddpm.config import build_model, get_preset
-
-    cfg = get_preset("tiny", ["diffusion.T=21"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # open the zero-initialized output layer too
-            p.add_(0.02 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, {"config": cfg.to_dict(), "step": 3, "model": model.state_dict(),
-                           "ema": model.state_dict()})
-    return path
 
 
 @pytest.fixture
