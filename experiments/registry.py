@@ -208,7 +208,7 @@ def eval_size(run: str, ev: Eval, profile: str) -> Tuple[int, Tuple[str, ...], O
 EST_SECONDS: Dict[str, Optional[Dict[str, float]]] = {
     "paper": None,
     "quick": {"per_call": 0.00125, "per_stage": 110.0},
-    "smoke": {"per_call": 0.002, "per_stage": 25.0},
+    "smoke": {"per_call": 0.002, "per_stage": 6.0},
 }
 
 DATA_NOTES = {
