@@ -238,28 +238,30 @@ def _call(cmd: List[str], log: Path, label: str, env: Optional[dict] = None, whe
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
                                 bufsize=1, env=env)
         _RUNNING.add(proc)
-        bar, last = None, None
+        bar, done = None, None  # an unfinished bar's last line; the bar (desc, total) last written at 100%
         for line in proc.stdout:
             line = _ANSI.sub("", line.rstrip("\n")).rstrip()
             m = _TQDM.search(line)
             if m:
                 _BOARD.update(label, _progress(m, label))
-                bar = line.strip()
                 if m["n"] != m["total"]:
+                    bar, done = line.strip(), None
                     continue
-            elif not line.strip():
-                continue
-            if bar and bar != last:  # a bar's last state (tqdm repeats it when it closes)
-                f.write(bar + "\n")
-                last = bar
-            bar = None
-            if not m:
+                # a bar's final state, once: tqdm repeats it when it closes, with a fresh rate
+                if (m["desc"], m["total"]) != done:
+                    f.write(line.strip() + "\n")
+                    done = (m["desc"], m["total"])
+                bar = None
+            elif line.strip():
+                if bar:  # a bar left unfinished (a failure, or output in the middle of it)
+                    f.write(bar + "\n")
+                    bar = None
                 f.write(line + "\n")
                 tail = (tail + [line])[-200:]
             f.flush()
         rc = proc.wait()
         _RUNNING.discard(proc)
-        if bar and bar != last:
+        if bar:
             f.write(bar + "\n")
     _ended(label, rc, tail, log)
     return rc, tail

@@ -155,6 +155,32 @@ def test_the_failure_reason_is_the_logs_last_error_and_torchruns_root_cause_code
     assert R.failure_reason(1, []) == "exit code 1, no error line in the log"
 
 
+def test_the_log_keeps_each_bars_final_state_once_and_an_unfinished_bar_before_an_error(tmp_path):
+    """tqdm prints a bar's 100% line again when it closes, with a fresh rate (different text on a fast
+    machine); two shards' bars of the same name are two bars; a bar a failure interrupts keeps its state."""
+    child = r"""
+import sys
+w = sys.stdout.write
+w("generating:   0%|          | 0/4 [00:00<?, ?img/s]\r")
+w("sampling: 100%|##########| 3/3 [00:00<00:00, 91.2it/s]\r")
+w("sampling: 100%|##########| 3/3 [00:00<00:00, 88.7it/s]\n")
+w("generating:  50%|#####     | 2/4 [00:01<00:01, 1.9img/s]\r")
+w("sampling: 100%|##########| 3/3 [00:00<00:00, 90.0it/s]\n")
+w("generating: 100%|##########| 4/4 [00:02<00:00, 1.95img/s]\r")
+w("generating: 100%|##########| 4/4 [00:02<00:00, 1.94img/s]\n")
+w("bound:  40%|####      | 2/5 [00:01<00:02, 1.2batch/s]\r")
+w("error: out of memory\n")
+sys.exit(1)
+"""
+    (tmp_path / "child.py").write_text(child)
+    log = tmp_path / "stage.log"
+    rc, tail = R._call([sys.executable, str(tmp_path / "child.py")], log, "x eval")
+    assert rc == 1 and tail == ["error: out of memory"]
+    lines = log.read_text().splitlines()[2:]  # after the blank line and the command
+    assert [ln.split("|")[0] for ln in lines] == ["sampling: 100%", "sampling: 100%", "generating: 100%",
+                                                  "bound:  40%", "error: out of memory"]
+
+
 def _is_train(cmd) -> bool:
     """A training stage: `ddpm train ...`, alone or over torchrun (never an eval's `--reference-split train`)."""
     return "train" in cmd and "eval" not in cmd
