@@ -252,11 +252,12 @@ def _torchvision(kind: str, train: bool, data_dir, download: bool):
         raise DataError(f"{kind} in {root} is unreadable or corrupted ({e}); delete it and run again "
                         f"with --download, or point --data-dir at a good copy") from e
     _announce(f"{kind} ({'train' if train else 'test'})", root)
+    ds.data_root = root
     return ds
 
 
-def _cifar_export(subset: CifarSubset, split: str, data_dir) -> Optional[torch.Tensor]:
-    """The subset from its PNG export, or None if no data dir holds the export."""
+def _cifar_export(subset: CifarSubset, split: str, data_dir) -> Optional[Tuple[torch.Tensor, Path]]:
+    """(the subset from its PNG export, the data dir holding it), or None if none does."""
     root = find_in_data_dirs(subset.export, data_dir)
     if root is None:
         return None
@@ -278,13 +279,18 @@ def _cifar_export(subset: CifarSubset, split: str, data_dir) -> Optional[torch.T
     reader = FolderImages(folder, 32, 3)
     reader.files = files
     _announce(f"CIFAR10 subset ({split}, PNG export)", folder)
-    return reader.stack()
+    return reader.stack(), root
 
 
 def split_images(dataset: str, split: str, data_dir=None, subset: str = "",
                  download: bool = False) -> torch.Tensor:
     """uint8 [N, C, H, W]: the ``split`` ('train' | 'test') of MNIST or CIFAR10 (or of the
     named CIFAR10 ``subset``), from the first data dir that holds it."""
+    return _split_and_root(dataset, split, data_dir, subset, download)[0]
+
+
+def _split_and_root(dataset: str, split: str, data_dir, subset: str, download: bool) -> Tuple[torch.Tensor, Path]:
+    """(split_images(...), the data dir it was read from or downloaded into)."""
     if dataset not in ("mnist", "cifar10") or split not in ("train", "test"):
         raise DataError(f"no split {split!r} of dataset {dataset!r}")
     sub = None
@@ -295,9 +301,9 @@ def split_images(dataset: str, split: str, data_dir=None, subset: str = "",
     # a subset reads full CIFAR10 where present, else its export, and downloads only then
     ds = _torchvision(dataset, split == "train", data_dir, download and sub is None)
     if ds is None and sub is not None:
-        images = _cifar_export(sub, split, data_dir)
-        if images is not None:
-            return images
+        export = _cifar_export(sub, split, data_dir)
+        if export is not None:
+            return export
         ds = _torchvision(dataset, split == "train", data_dir, download)
     if ds is None:
         if dataset == "mnist":
@@ -315,7 +321,7 @@ def split_images(dataset: str, split: str, data_dir=None, subset: str = "",
             wanted = torch.tensor([CIFAR10_CLASSES.index(c) for c in sub.test_classes])
             idx = torch.nonzero(torch.isin(torch.as_tensor(ds.targets), wanted)).flatten()
         images = images[idx].contiguous()
-    return images
+    return images, ds.data_root
 
 
 def load_dataset(cfg: DataConfig, data_dir=None, download: bool = False,
@@ -329,13 +335,14 @@ def load_dataset(cfg: DataConfig, data_dir=None, download: bool = False,
         if (cfg.channels, cfg.resolution) != native:
             raise DataError(f"{cfg.dataset} is {native[0]} channel(s) at {native[1]}x{native[1]}; the config "
                             f"asks for data.channels={cfg.channels}, data.resolution={cfg.resolution}")
-        images = split_images(cfg.dataset, "train", data_dir, cfg.subset, download)
-        return TensorImages(images, cfg.dataset + (f"-{cfg.subset}" if cfg.subset else ""))
+        images, root = _split_and_root(cfg.dataset, "train", data_dir, cfg.subset, download)
+        return _with_root(TensorImages(images, cfg.dataset + (f"-{cfg.subset}" if cfg.subset else "")), root)
     if cfg.dataset == "folder":
         folder = Path(cfg.path)
+        root = None  # an absolute data.path needs no data dir
         if not folder.is_absolute():
-            root = find_in_data_dirs(cfg.path, data_dir)
-            folder = (root or resolve_data_dir(data_dir)) / folder
+            root = find_in_data_dirs(cfg.path, data_dir) or resolve_data_dir(data_dir)
+            folder = root / folder
         if not folder.is_dir():
             raise DataError(
                 f"image folder {cfg.path!r} does not exist (searched the data dirs {_searched(data_dir)}). "
@@ -348,9 +355,16 @@ def load_dataset(cfg: DataConfig, data_dir=None, download: bool = False,
         if len(ds) == 0:
             raise DataError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         if len(ds) * cfg.channels * cfg.resolution ** 2 <= IN_MEMORY_BYTES:
-            return TensorImages(ds.stack(progress), ds.name)
-        return ds
+            return _with_root(TensorImages(ds.stack(progress), ds.name), root)
+        return _with_root(ds, root)
     raise DataError(f"unknown data.dataset {cfg.dataset!r}")
+
+
+def _with_root(ds, root: Optional[Path]):
+    """``ds`` with ``data_root``: the data dir it was read from (None: an absolute data.path), which
+    a run records so that --resume finds it (not merely the first dir searched)."""
+    ds.data_root = root
+    return ds
 
 
 # ----------------------------------------------------------------------------- data order
@@ -393,20 +407,29 @@ class _StepBatches(torch.utils.data.Sampler):
 
 
 def batch_stream(dataset, seed: int, start_step: int, global_batch: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0) -> Iterator[torch.Tensor]:
+                 world_size: int = 1, num_workers: int = 0, device: Optional[torch.device] = None
+                 ) -> Iterator[torch.Tensor]:
     """Endless iterator over this rank's uint8 batches [global_batch/world_size, C, H, W],
-    starting at ``start_step``."""
+    starting at ``start_step``. ``device`` (data.on_device; an in-memory set only): the whole
+    set is copied there once and each batch is gathered there by the same indices."""
     if global_batch % world_size:
         raise ValueError(f"train.batch_size={global_batch} (the global batch) must be divisible "
                          f"by the number of processes ({world_size})")
     n = len(dataset)
+    if device is not None and not isinstance(dataset, TensorImages):
+        raise DataError(f"data.on_device: the training set ({n:,} images) is read from files, not held in "
+                        "memory, so it cannot be kept on the device; set data.on_device=false")
     if isinstance(dataset, TensorImages):  # in memory: index directly, no workers needed
+        images = dataset.images if device is None else dataset.images.to(device)
+
         def gen():
             cache: dict = {}
             step = start_step
             while True:
-                yield dataset.images[torch.from_numpy(
-                    step_indices(n, seed, step, global_batch, rank, world_size, cache))]
+                idx = torch.from_numpy(step_indices(n, seed, step, global_batch, rank, world_size, cache))
+                if images.device != idx.device:  # pinned on CUDA: an asynchronous copy, no wait for the GPU
+                    idx = (idx.pin_memory() if images.is_cuda else idx).to(images.device, non_blocking=True)
+                yield images[idx]
                 step += 1
         return gen()
     # A generator of its own: iter(DataLoader) draws a base seed from it, which would otherwise

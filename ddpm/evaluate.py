@@ -14,6 +14,11 @@ named steps, each a function returning the results and figures it made:
 ``OUT/metrics.json`` is written after each step: every value with its N, sampler, steps,
 variance, EMA flag, reference set, seed, git commit, device (rank 0's), number of processes
 and elapsed time. ``python -m ddpm eval`` (ddpm.cli.evaluate) builds the spec from the command line.
+On CUDA the steps run with cudnn.benchmark on (runtime.cudnn_benchmark: fixed shapes).
+``compile`` (``--compile``) runs each sampling step of the FID/KID/IS samples through
+torch.compile (ddpm.sampling.CompiledStep); it is part of the sample set (``compiled`` in its
+manifest and beside every fidelity number, as ``network_precision`` for bf16). The figures
+(a few images) and the bound run eagerly.
 
 Both expensive parts are made of independent pieces kept on disk, so an evaluation resumes
 where it was killed and may be shared by several processes: sample shard k (ddpm.generate)
@@ -49,12 +54,12 @@ from .config import Config, ConfigError
 from .data import resolve_data_dir, to_model_range
 from .diffusion import VarType, _enum
 from .fidelity import compute_metrics
-from .generate import PIXEL_MAP, SamplesError, generate, load_samples, missing_shards, sample_manifest
+from .generate import PIXEL_MAP, check_samples, generate, load_samples, missing_shards, sample_manifest
 from .inception import Inception, resolve_weights
 from .loading import load_model
 from .provenance import MANIFEST, atomic_write_bytes, atomic_write_text, check_manifest, git_commit
-from .runtime import (PRECISIONS, Bf16Network, Dist, derive_seed, device_description, pick_device,
-                      setup_distributed)
+from .runtime import (PRECISIONS, Bf16Network, Dist, cudnn_benchmark, derive_seed, device_description,
+                      pick_device, setup_distributed)
 from .sampling import Sampler
 from .sources import load_images
 
@@ -101,6 +106,9 @@ class EvalSpec:
     # the network under bf16 autocast for samples and figures (about 2x on CPUs, FID/KID unchanged
     # as measured); the bound always runs in float32 (bf16 raises it by ~0.04 bits/dim)
     bf16: bool = False
+    # each sampling step of the FID/KID/IS samples through torch.compile (ddpm.sampling.CompiledStep);
+    # like bf16, part of the sample set (recorded as "compiled"); figures and the bound run eagerly
+    compile: bool = False
     # how FID/KID/IS samples are drawn: ancestral over all T steps (the paper's protocol), or
     # respaced / ddim on `steps` of them (ddpm.sampling.Sampler); recorded with every number
     sampler: str = "ancestral"
@@ -305,7 +313,10 @@ def prepare(spec: EvalSpec, d: Optional[Dist] = None) -> Evaluation:
     common = {"checkpoint": spec.checkpoint, "checkpoint_step": int(state.get("step", -1)), "ema": bool(spec.ema),
               "variance": var.value, "T": diffusion.T, "seed": int(spec.seed), "git_commit": git_commit(),
               # rank 0's device; under torchrun the other processes' (one GPU each) are not recorded
-              "device": device_description(device), "world_size": d.world_size}
+              "device": device_description(device), "world_size": d.world_size,
+              # on CUDA cuDNN picks its convolution algorithms per process (runtime.cudnn_benchmark):
+              # a resumed sample set matches an uninterrupted one up to float rounding, not bit for bit
+              "cudnn_benchmark": torch.device(device).type == "cuda"}
     report = _start_report(spec, cfg, common, out_dir / "metrics.json")
     ev = Evaluation(spec, out_dir, device, cfg, model, diffusion, var, None if var == diffusion.var_type else var,
                     common, report, t_start, d=d)
@@ -315,8 +326,9 @@ def prepare(spec: EvalSpec, d: Optional[Dist] = None) -> Evaluation:
         raise EvalError(f"--steps {spec.steps}: {e}") from None
     if spec.sampled:  # samples of another request in out_dir/samples: an error now, not after hours
         manifest = sample_manifest(diffusion, spec.n, ev.image_shape, batch_size=spec.batch_size, seed=spec.seed,
-                                   var_type=ev.var_arg, meta=ev.sample_meta, sampler=spec.sampling, bf16=spec.bf16)
-        started = check_manifest(out_dir / "samples", manifest, "samples", SamplesError)
+                                   var_type=ev.var_arg, meta=ev.sample_meta, sampler=spec.sampling, bf16=spec.bf16,
+                                   compile=spec.compile)
+        started = check_samples(out_dir / "samples", manifest)
         if d.main:
             ev.todo["samples"] = (missing_shards(out_dir / "samples", manifest) if started
                                   else list(range(manifest["n_shards"])))
@@ -471,13 +483,13 @@ def step_samples(ev: Evaluation, progress: bool = True) -> Produced:
     generate(ev.model, ev.diffusion, spec.n, ev.image_shape, out_dir=ev.out_dir / "samples",
              batch_size=spec.batch_size, seed=spec.seed, device=ev.device, var_type=ev.var_arg,
              meta=ev.sample_meta, progress=progress, sampler=spec.sampling, bf16=spec.bf16,
-             return_images=False, shards=ev.share("samples"))
+             compile=spec.compile, return_images=False, shards=ev.share("samples"))
     ev.d.barrier()  # every shard is written
     if not ev.d.main:
         return {}
     samples = load_samples(ev.out_dir / "samples")
     sampler = {"sampler": spec.sampling.describe(ev.diffusion.T), "sampler_spec": spec.sampling.to_dict(ev.diffusion.T),
-               "network_precision": PRECISIONS[spec.bf16]}
+               "network_precision": PRECISIONS[spec.bf16], "compiled": spec.compile}
     results: Dict[str, object] = {"sampling": {
         "n": spec.n, **sampler, "pixel_map": PIXEL_MAP, "folder": str(ev.out_dir / "samples"),
         # a collapse detector (all samples alike): the per-pixel std across the set, averaged over
@@ -606,12 +618,13 @@ def run_evaluation(spec: EvalSpec, progress: bool = True) -> Optional[Dict[str, 
     d = join_processes(spec)
     try:
         ev = _prepare_everywhere(spec, d)
-        for _name, step in steps(ev, progress and d.main):
-            made = step()
-            if d.main:
-                ev.report["results"].update(made.get("results", {}))
-                ev.report["figures"].update(made.get("figures", {}))
-                ev.save()
+        with cudnn_benchmark(ev.device):  # the samples' batches and the bound's are of fixed shapes
+            for _name, step in steps(ev, progress and d.main):
+                made = step()
+                if d.main:
+                    ev.report["results"].update(made.get("results", {}))
+                    ev.report["figures"].update(made.get("figures", {}))
+                    ev.save()
         if not d.main:
             return None
         ev.save()

@@ -10,7 +10,17 @@ Each shard is one sampling batch with its own generator seeded from (seed, shard
 index) (ddpm.runtime.derive_seed), so a shard's images do not depend on which shards
 were generated before it: a run that is killed and restarted gives the same N images,
 bit for bit (on the same device and torch build), as an uninterrupted run. Shards are
-written atomically (temporary file + rename), so a kill leaves whole shards only.
+written atomically (temporary file + rename), so a kill leaves whole shards only. (On CUDA,
+cudnn.benchmark is on while sampling (runtime.cudnn_benchmark): each process times its own
+convolution algorithms, so a shard made in another process may differ by float rounding,
+which moves a uint8 pixel rarely and by one.)
+
+How the samples were computed is part of what a set is: the sampler, the network's precision
+(``bf16``: ``network_precision``) and whether the sampling step was compiled (``compile``:
+``compiled``, ddpm.sampling's CompiledStep). Each changes the images' rounding, so, as for
+bf16, a folder of one setting is never resumed with the other (SamplesError naming the field).
+A manifest written before ``compiled`` was recorded reads as compiled false, the only way
+it could have been made.
 
 Pixel handling (the paper's, PAPER.md "FID"): samples are clipped to [-1, 1] and
 mapped to [0, 255] by (x + 1) * 127.5; here they are then ROUNDED TO THE NEAREST
@@ -41,7 +51,7 @@ import torch
 from .data import to_model_range
 from .diffusion import GaussianDiffusion, Model
 from .provenance import MANIFEST, atomic_write_bytes, atomic_write_text, check_manifest
-from .runtime import PRECISIONS, Bf16Network, derive_seed
+from .runtime import PRECISIONS, Bf16Network, cudnn_benchmark, derive_seed
 from .sampling import ANCESTRAL, Sampler
 
 FORMAT = "ddpm-samples-v1"
@@ -85,14 +95,16 @@ def _read_shard(path: Path, expected_n: int, image_shape) -> np.ndarray:
 @torch.inference_mode()
 def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int],
                  seed: int, index: int, device="cpu", var_type=None, clip_x0: bool = True,
-                 progress: bool = False, sampler: Sampler = ANCESTRAL) -> np.ndarray:
-    """Shard ``index``: ``n`` samples [n, H, W, C] uint8 from a generator seeded by (seed, index)."""
+                 progress: bool = False, sampler: Sampler = ANCESTRAL, compile: bool = False) -> np.ndarray:
+    """Shard ``index``: ``n`` samples [n, H, W, C] uint8 from a generator seeded by (seed, index);
+    ``compile``: each sampling step through torch.compile (ddpm.sampling.CompiledStep)."""
     C, H, W = image_shape
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, index))
     if var_type is not None:
         diffusion = diffusion.with_variance(var_type)
-    x = sampler(diffusion, model, (n, C, H, W), generator=g, device=device, clip_x0=clip_x0, progress=progress)
+    x = sampler(diffusion, model, (n, C, H, W), generator=g, device=device, clip_x0=clip_x0, progress=progress,
+                compile=compile)
     out = to_uint8(x)
     assert out.shape == (n, H, W, C), out.shape
     return out
@@ -101,7 +113,7 @@ def sample_shard(model: Model, diffusion: GaussianDiffusion, n: int, image_shape
 def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *, batch_size: int = 64,
                     seed: int = 0, var_type=None, clip_x0: bool = True,
                     meta: Optional[Dict[str, Any]] = None, sampler: Sampler = ANCESTRAL,
-                    bf16: bool = False) -> Dict[str, Any]:
+                    bf16: bool = False, compile: bool = False) -> Dict[str, Any]:
     """What ``generate`` with these arguments writes to DIR/manifest.json (JSON values)."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
@@ -114,15 +126,31 @@ def sample_manifest(diffusion: GaussianDiffusion, n: int, image_shape: Sequence[
         "seed": int(seed), "image_shape_hwc": [H, W, C], "var_type": var_name,
         "clip_x0": bool(clip_x0), "steps": sampler.to_dict(diffusion.T)["steps"],
         "sampler": sampler.describe(diffusion.T), "sampler_spec": sampler.to_dict(diffusion.T),
-        "pixel_map": PIXEL_MAP, "network_precision": PRECISIONS[bool(bf16)], "meta": meta or {},
+        "pixel_map": PIXEL_MAP, "network_precision": PRECISIONS[bool(bf16)], "compiled": bool(compile),
+        "meta": meta or {},
     }))
+
+
+def check_samples(out_dir, manifest: Dict[str, Any]) -> bool:
+    """provenance.check_manifest for a sample folder: True if ``out_dir`` holds (part of) the set
+    ``manifest`` describes, False if it holds none; SamplesError if another set. A manifest
+    written before ``compiled`` was recorded matches as compiled false (module docstring)."""
+    mpath = Path(out_dir) / MANIFEST
+    if mpath.is_file() and not manifest["compiled"]:
+        try:
+            old = json.loads(mpath.read_text())
+        except ValueError:
+            old = None  # check_manifest says so
+        if isinstance(old, dict) and "compiled" not in old:
+            manifest = {k: v for k, v in manifest.items() if k != "compiled"}
+    return check_manifest(out_dir, manifest, "samples", SamplesError)
 
 
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,
              out_dir=None, batch_size: int = 64, seed: int = 0, device="cpu", var_type=None,
              clip_x0: bool = True, meta: Optional[Dict[str, Any]] = None, progress: bool = True,
              return_images: bool = True, max_shards: Optional[int] = None,
-             sampler: Sampler = ANCESTRAL, bf16: bool = False,
+             sampler: Sampler = ANCESTRAL, bf16: bool = False, compile: bool = False,
              shards: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
     """Exactly ``n`` samples, [n, H, W, C] uint8 (``image_shape`` is (C, H, W) of the model).
 
@@ -133,6 +161,9 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
     the model's own variance. ``meta``: JSON-able facts to record (checkpoint, EMA, ...).
     ``sampler``: ancestral over all T steps (the paper's; default), or respaced / DDIM.
     ``bf16``: the network under bf16 autocast (runtime.Bf16Network; recorded in the manifest).
+    ``compile``: each sampling step (network, posterior, noise added) through torch.compile
+    (ddpm.sampling.CompiledStep; with bf16 too, any sampler); recorded in the manifest as
+    ``compiled``. Either setting is part of the set: a folder of the other is refused.
     Returns the images (or None with ``return_images=False``, to save memory).
     ``max_shards`` (with ``out_dir`` and ``return_images=False``): stop once the first
     ``max_shards`` shards exist, for time-boxed jobs; a later call completes the set.
@@ -147,13 +178,14 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
                          "incomplete)")
     C, H, W = (int(s) for s in image_shape)
     manifest = sample_manifest(diffusion, n, image_shape, batch_size=batch_size, seed=seed,
-                               var_type=var_type, clip_x0=clip_x0, meta=meta, sampler=sampler, bf16=bf16)
+                               var_type=var_type, clip_x0=clip_x0, meta=meta, sampler=sampler, bf16=bf16,
+                               compile=compile)
     n_shards = manifest["n_shards"]
     sizes = [min(batch_size, n - i * batch_size) for i in range(n_shards)]
     assert sum(sizes) == n
     if out_dir is not None:
         out_dir = Path(out_dir)
-        if not check_manifest(out_dir, manifest, "samples", SamplesError):
+        if not check_samples(out_dir, manifest):
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
@@ -172,19 +204,21 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Se
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(sizes[i] for i in it), desc="generating", unit="img")
     try:
-        for i in it:
-            path = shard_path(out_dir, i) if out_dir is not None else None
-            if path is not None and path.exists():
-                images = _read_shard(path, sizes[i], (H, W, C)) if return_images else None
-            else:
-                images = sample_shard(net, diffusion, sizes[i], (C, H, W), seed, i, device=device,
-                                      var_type=var_type, clip_x0=clip_x0, progress=progress, sampler=sampler)
-                if path is not None:
-                    atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
-            if return_images:
-                made.append(images)
-            if bar is not None:
-                bar.update(sizes[i])
+        with cudnn_benchmark(device):  # every batch of a set has the same shape (but the last)
+            for i in it:
+                path = shard_path(out_dir, i) if out_dir is not None else None
+                if path is not None and path.exists():
+                    images = _read_shard(path, sizes[i], (H, W, C)) if return_images else None
+                else:
+                    images = sample_shard(net, diffusion, sizes[i], (C, H, W), seed, i, device=device,
+                                          var_type=var_type, clip_x0=clip_x0, progress=progress, sampler=sampler,
+                                          compile=compile)
+                    if path is not None:
+                        atomic_write_bytes(path, lambda f, a=images: np.savez(f, images=a))
+                if return_images:
+                    made.append(images)
+                if bar is not None:
+                    bar.update(sizes[i])
     finally:
         if bar is not None:
             bar.close()

@@ -30,8 +30,11 @@ LAST, FINAL, CONFIG, STATS, RUN, SAMPLES = "last.pt", "final.pt", "config.json",
 # Fields that may differ between a run's saved config and the one given on --resume:
 # they change how long the run goes and what it writes, not what it computes (train.microbatch:
 # only the float summation order, so that a run may move to a GPU with less memory).
+# (How long and how often, and how the same update is computed: microbatches, memory layout
+# and data placement change float rounding, and with dropout microbatches and channels_last
+# also draw other dropout masks; the run continues in distribution, the change recorded.)
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "data.num_workers", "train.microbatch"}
+                     "data.num_workers", "train.microbatch", "train.channels_last", "data.on_device"}
 # ... and, when the checkpoint resumed from precedes a recorded non-finite loss, these too
 # (the advice the divergence message gives must be possible to follow).
 AFTER_DIVERGENCE_CHANGES = {"train.lr"}
@@ -120,6 +123,11 @@ class Resume:
     diverged_at: Optional[int] = None  # a non-finite loss recorded after that checkpoint
     config_changes: Dict[str, List[Any]] = field(default_factory=dict)  # key -> [run's, now]
 
+    @property
+    def after_divergence(self) -> bool:
+        """Whether this resume changes what a non-finite loss allowed to change (train.lr)."""
+        return self.diverged_at is not None and bool(AFTER_DIVERGENCE_CHANGES & set(self.config_changes))
+
 
 def check_run_dir(out: Path, cfg: Config, resume: bool) -> Resume:
     """May ``cfg`` start (``resume`` False) or continue (True) a run in ``out``? RunDirError
@@ -149,7 +157,7 @@ def check_run_dir(out: Path, cfg: Config, resume: bool) -> Resume:
             + ", ".join(f"{k} (run: {a!r}, now: {b!r})" for k, (a, b) in sorted(diff.items()))
             + f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume (and "
             + f"{', '.join(sorted(AFTER_DIVERGENCE_CHANGES))} after a non-finite loss)")
-    return Resume(state, diverged, {k: list(v) for k, v in changes.items() if k in AFTER_DIVERGENCE_CHANGES})
+    return Resume(state, diverged, {k: list(v) for k, v in changes.items()})
 
 
 # --------------------------------------------------------------------------- writing

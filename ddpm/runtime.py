@@ -10,12 +10,14 @@
   unchanged by FID/KID: results/quick/recipe_search.md); never for the bound, which it shifts.
 - ``device_description``: the one-line description of a device that run.json,
   metrics.json and the speed benchmark record.
+- ``cudnn_benchmark``: cudnn.benchmark on while sampling or evaluating on CUDA (fixed shapes).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +44,24 @@ class Bf16Network(torch.nn.Module):
 
 
 PRECISIONS = {False: "float32", True: "bf16 autocast (output head float32)"}
+
+
+@contextmanager
+def cudnn_benchmark(device):
+    """cudnn.benchmark on inside the block when ``device`` is CUDA (restored after it). Sampling
+    and the bound call the network thousands of times on the same shapes, so cuDNN times its
+    convolution algorithms once per shape and keeps the fastest. A process setting, not a
+    recorded choice: each process times for itself and may pick another algorithm, so values
+    made in two processes agree up to float rounding, not always bit for bit."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 class DeviceError(ValueError):
@@ -145,9 +165,13 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
-        """Leave the process group if setup_distributed created it."""
+    def close(self, wait: bool = False) -> None:
+        """Leave the process group if setup_distributed created it; ``wait``: after a barrier, so
+        that no rank tears its connections down while another still works (only where every rank
+        gets here alike: a rank that failed alone must not wait for the others)."""
         if self.created:
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -18,11 +18,35 @@ paper number uses ``sample`` with all T steps:
   the deterministic ODE the other way (x_0 -> x_T), and ``slerp`` interpolates latents.
 - ``timesteps``: the subsequence, ``uniform`` or ``quadratic`` as in the DDIM paper.
 Reproducible under a seed: all randomness comes from the ``generator`` passed in.
+
+Compiled sampling (``compile=True`` on every sampler; ``generate(compile=True)``, ``ddpm sample
+--compile``, ``ddpm eval --compile``). Each sampler's loop body is one step function of tensors
+(``_ancestral_step``, ``_respaced_step``, ``_ddim_step``: the network call, the posterior mean
+and variance of ddpm.diffusion, and the noise added), run eagerly by default or, compiled,
+through ``CompiledStep``: torch.compile of the whole step with fixed shapes (dynamic=False,
+fullgraph=True, so a graph break is an error rather than a silently slower half-compiled step).
+What is captured: that step, for one batch shape, as one graph; on CUDA in mode
+"reduce-overhead", i.e. replayed as a CUDA graph: the 1000 steps run the same shapes, so the
+launch cost of the UNet's few hundred kernels and of the posterior's elementwise ones, which
+weighs most at small batches, goes away ("max-autotune-no-cudagraphs" was not chosen: it
+spends minutes timing kernel variants for each shape, and at large batches, where launches
+matter least, the convolutions are cuDNN's either way, timed by runtime.cudnn_benchmark).
+On the CPU torch's default mode (inductor's fused C++ kernels). What is not captured:
+the loop itself, the time step's index and the coefficients looked up for it (passed in as
+tensors, so one graph serves every step), and the noise: drawn outside the compiled function
+from the same generator, in the same order, as the eager path draws it, so both sample the
+same chain up to float rounding (tests/test_compiled_sampling.py states the tolerance). A
+smaller batch (the last of a set) is padded to the largest batch the step has run (zeros for
+x and the noise, the same t) and cut back, rather than compiled again; the rows are
+independent (GroupNorm and attention are per image), so padding changes nothing but
+rounding. Not compiled: ``interpolate``, ``ddim_encode`` and the bound (ddpm.bound). The
+speed is measured by experiments/benchmark_speed.py, not by the tests.
 """
 
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Sequence
 
@@ -44,22 +68,118 @@ def _steps(steps, progress: bool, desc: str):
     return steps
 
 
+# ---------------------------------------------------- one step, run eagerly or compiled
+
+
+class EagerStep:
+    """Runs a step function as it is (the default)."""
+
+    compiled = False
+
+    def __call__(self, fn, x, t, noise, *rest):
+        return fn(x, t, noise, *rest)
+
+
+class CompiledStep:
+    """Runs a step function ``fn(x, t, noise, *rest)`` through torch.compile (the module
+    docstring says what is captured and why this mode). x, t and noise carry the batch; a
+    smaller batch than the largest this step has run with the same image shape is padded to it
+    (zeros; t repeats its first entry) and the result cut back, so the last batch of a set
+    reuses the graph instead of compiling another."""
+
+    compiled = True
+
+    def __init__(self, mode: Optional[str]):
+        self.mode = mode
+        self._fns: Dict[Any, Any] = {}
+        self._batch: Dict[tuple, int] = {}
+        self._warm: "weakref.WeakKeyDictionary[GaussianDiffusion, set]" = weakref.WeakKeyDictionary()
+
+    def __call__(self, fn, x, t, noise, *rest):
+        compiled = self._fns.get(fn)
+        if compiled is None:
+            compiled = self._fns[fn] = torch.compile(fn, mode=self.mode, dynamic=False, fullgraph=True)
+        for a in rest:
+            if isinstance(a, GaussianDiffusion) and x.device not in self._warm.setdefault(a, set()):
+                _tables_on_device(a, x.device)
+                self._warm[a].add(x.device)
+        n = x.shape[0]
+        # the largest batch run so far by this step, for these images and these arguments (the
+        # network among them): a batch that failed (out of memory) is not recorded
+        key = (fn, tuple(x.shape[1:]), x.dtype, x.device, tuple(id(a) for a in rest))
+        B = max(n, self._batch.get(key, 0))
+        if B > n:
+            x, noise = (torch.cat([a, a.new_zeros((B - n, *a.shape[1:]))]) for a in (x, noise))
+            t = torch.cat([t, t[:1].expand(B - n)])
+        # Out of inference mode (plain no_grad): dynamo's guards on the diffusion's numpy tables
+        # fail under inference_mode in torch 2.14 ("Guard failed on the same frame it was created").
+        # x is then a plain tensor at every step (an inference tensor, as x_T is, has other
+        # dispatch keys: a second graph).
+        with torch.inference_mode(False), torch.no_grad():
+            x = x.clone() if x.is_inference() else x
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs are done
+            out = compiled(x, t, noise, *rest)
+            # A CUDA graph's outputs are overwritten by its next replay: keep copies (cut back to n
+            # rows), made here, out of inference mode, so the next step need not copy x again.
+            keep = (lambda a: a[:n].clone()) if self.mode == "reduce-overhead" else (lambda a: a[:n])
+            out = tuple(keep(a) for a in out) if isinstance(out, tuple) else keep(out)
+        self._batch[key] = B
+        return out
+
+
+def _tables_on_device(diffusion: GaussianDiffusion, device) -> None:
+    """Every table of ``diffusion`` copied to ``device`` once, before a compiled step looks one
+    up: the copy is then an input of the graph, not a side effect traced into it (which, under
+    CUDA graphs, would keep a table in memory that the next replay overwrites)."""
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    x = torch.zeros(1, device=device)
+    for v in list(vars(diffusion).values()):
+        if isinstance(v, np.ndarray) and v.ndim == 1:
+            diffusion._extract(v, t, x)
+
+
+_COMPILED: Dict[Optional[str], CompiledStep] = {}  # one per mode: torch.compile's cache lives with it
+
+
+def compile_mode(device) -> Optional[str]:
+    """torch.compile's mode for sampling on ``device``: CUDA graphs on CUDA, the default elsewhere."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
+
+
+def stepper(compile: bool, device):
+    """How a sampler runs its steps: EagerStep, or the CompiledStep of ``device``'s mode."""
+    if not compile:
+        return EagerStep()
+    mode = compile_mode(device)
+    if mode not in _COMPILED:
+        _COMPILED[mode] = CompiledStep(mode)
+    return _COMPILED[mode]
+
+
+def _ancestral_step(x, t, noise, diffusion: GaussianDiffusion, model: Model, clip_x0: bool = True,
+                    var_type=None):
+    """Algorithm 2's step with its noise z given: (x_{t-1}, predicted x_0); z = 0 at index 0."""
+    out = diffusion.p_mean_variance(model(x, t), x, t, clip_x0=clip_x0, var_type=var_type)
+    nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # no noise at index 0
+    return out["mean"] + nonzero * torch.exp(0.5 * out["log_var"]) * noise, out["pred_x0"]
+
+
 @torch.inference_mode()
 def p_sample(diffusion: GaussianDiffusion, model: Model, xt, t, generator=None,
              clip_x0: bool = True, var_type=None, noise=None):
     """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t=1.
     ``noise`` (z) is drawn from ``generator`` unless given."""
-    out = diffusion.p_mean_variance(model(xt, t), xt, t, clip_x0=clip_x0, var_type=var_type)
-    if noise is None:
+    if noise is None:  # the network draws nothing from the generator: the same draws as after it
         noise = _randn(xt.shape, generator, xt.device, xt.dtype)
-    nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))  # no noise at index 0
-    return out["mean"] + nonzero * torch.exp(0.5 * out["log_var"]) * noise, out["pred_x0"]
+    return _ancestral_step(xt, t, noise, diffusion, model, clip_x0, var_type)
 
 
 @torch.inference_mode()
 def sample(diffusion: GaussianDiffusion, model: Model, shape, generator: Optional[torch.Generator] = None,
            device="cpu", x_start: Optional[torch.Tensor] = None, t_start: Optional[int] = None,
-           clip_x0: bool = True, var_type=None, record: Iterable[int] = (), progress: bool = False):
+           clip_x0: bool = True, var_type=None, record: Iterable[int] = (), progress: bool = False,
+           compile: bool = False):
     """DDPM Algorithm 2 (ancestral sampling).
 
     shape: [B, C, H, W] of the samples.
@@ -68,6 +188,7 @@ def sample(diffusion: GaussianDiffusion, model: Model, shape, generator: Optiona
     record: 0-based indices at which to keep the predicted x_0 (Fig. 6); returned as
         a dict {index: [B, C, H, W]} under ``pred_x0``, together with x_t itself
         (before the step at that index) under ``xt``.
+    compile: each step through torch.compile (``CompiledStep``; the module docstring).
     Returns (x_0 [B, C, H, W], {"pred_x0": {...}, "xt": {...}}).
     """
     T = diffusion.T
@@ -81,11 +202,13 @@ def sample(diffusion: GaussianDiffusion, model: Model, shape, generator: Optiona
         x = x_start.to(device)
     record = set(int(i) for i in record)
     trace = {"pred_x0": {}, "xt": {}}
+    step = stepper(compile, x.device)
     for i in _steps(range(t_start, -1, -1), progress, "sampling"):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         if i in record:
             trace["xt"][i] = x.cpu()
-        x, pred_x0 = p_sample(diffusion, model, x, t, generator, clip_x0, var_type)
+        noise = _randn(x.shape, generator, x.device, x.dtype)
+        x, pred_x0 = step(_ancestral_step, x, t, noise, diffusion, model, clip_x0, var_type)
         if i in record:
             trace["pred_x0"][i] = pred_x0.cpu()
     return x, trace
@@ -173,10 +296,25 @@ def _loop(tau, progress, desc):
     return _steps(range(len(tau) - 1, -1, -1), progress, desc)
 
 
+def _respaced_step(x, t, noise, diffusion: GaussianDiffusion, short: GaussianDiffusion, model: Model,
+                   tau_t: torch.Tensor, clip_x0: bool):
+    """x at index t - 1 of the respaced process ``short`` from x at index t (0-based into tau)."""
+    pred_x0, log_var = _pred_x0(diffusion, model, x, tau_t[t], clip_x0)
+    mean, _, _ = short.q_posterior(pred_x0, x, t)
+    if short.sampling_var == VarType.LEARNED:
+        frac = _learned_fraction(diffusion, log_var, tau_t[t])
+        lo = short._extract(short.posterior_log_variance_clipped, t, x)
+        log_var = lo + frac * (short._extract(short.log_betas, t, x) - lo)
+    else:
+        log_var = short._fixed_log_variance(short.sampling_var, t, x)
+    nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # no noise at the last step
+    return mean + nonzero * torch.exp(0.5 * log_var) * noise
+
+
 @torch.inference_mode()
 def respaced_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence[int],
                     generator: Optional[torch.Generator] = None, device="cpu", x_start=None,
-                    clip_x0: bool = True, progress: bool = False):
+                    clip_x0: bool = True, progress: bool = False, compile: bool = False):
     """Ancestral sampling (Algorithm 2) of the respaced process on ``tau``: the network is
     asked at the original index tau_i; its x_0 prediction (clipped) gives the posterior
     mean of the shorter process, with that process's beta / beta-tilde (the learned
@@ -185,25 +323,27 @@ def respaced_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequ
     short = respace(diffusion, tau)
     tau_t = torch.as_tensor(np.asarray(tau), device=device)
     x = _randn(tuple(shape), generator, device) if x_start is None else x_start.to(device)
+    step = stepper(compile, x.device)
     for i in _loop(tau, progress, "respaced sampling"):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        pred_x0, log_var = _pred_x0(diffusion, model, x, tau_t[t], clip_x0)
-        mean, _, _ = short.q_posterior(pred_x0, x, t)
-        if short.sampling_var == VarType.LEARNED:
-            frac = _learned_fraction(diffusion, log_var, tau_t[t])
-            lo = short._extract(short.posterior_log_variance_clipped, t, x)
-            log_var = lo + frac * (short._extract(short.log_betas, t, x) - lo)
-        else:
-            log_var = short._fixed_log_variance(short.sampling_var, t, x)
         noise = _randn(x.shape, generator, x.device, x.dtype)
-        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
+        x = step(_respaced_step, x, t, noise, diffusion, short, model, tau_t, clip_x0)
     return x
+
+
+def _ddim_step(x, t, noise, diffusion: GaussianDiffusion, model: Model, coef, clip_x0: bool):
+    """Eq. 12 at original index t with coef = (sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), sigma)
+    (floats, or a tensor of three); ``noise`` None: sigma = 0."""
+    pred_x0, _ = _pred_x0(diffusion, model, x, t, clip_x0)
+    eps = diffusion.eps_from_x0(x, t, pred_x0)
+    x = coef[0] * pred_x0 + coef[1] * eps
+    return x if noise is None else x + coef[2] * noise
 
 
 @torch.inference_mode()
 def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence[int], eta: float = 0.0,
                 generator: Optional[torch.Generator] = None, device="cpu", x_start=None,
-                clip_x0: bool = True, progress: bool = False):
+                clip_x0: bool = True, progress: bool = False, compile: bool = False):
     """DDIM, Song et al. 2021, Eq. 12, on the subsequence ``tau`` (prev = the step before):
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
@@ -215,15 +355,22 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape, tau: Sequence
     ac = diffusion.alphas_cumprod[tau]
     ac_prev = np.append(1.0, ac[:-1])
     x = _randn(tuple(shape), generator, device) if x_start is None else x_start.to(device)
+    coefs = []
+    for a, a_prev in zip(ac.tolist(), ac_prev.tolist()):
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
+        coefs.append((np.sqrt(a_prev), np.sqrt(1 - a_prev - sigma ** 2), sigma))  # sigma^2 <= 1 - a_prev for eta <= 1
+    step = stepper(compile, x.device)
+    if step.compiled:  # tensors: a float argument would be compiled into the graph, one graph per step;
+        # one allocation each (rows of one table would be views that inductor finds misaligned)
+        coefs_t = [torch.tensor(c, dtype=x.dtype, device=x.device) for c in coefs]
     for i in _loop(tau, progress, "DDIM sampling"):
         t = torch.full((x.shape[0],), int(tau[i]), device=x.device, dtype=torch.long)
-        pred_x0, _ = _pred_x0(diffusion, model, x, t, clip_x0)
-        eps = diffusion.eps_from_x0(x, t, pred_x0)
-        a, a_prev = float(ac[i]), float(ac_prev[i])
-        sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
-        x = np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev - sigma ** 2) * eps  # sigma^2 <= 1 - a_prev for eta <= 1
-        if sigma > 0:
-            x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+        noise = _randn(x.shape, generator, x.device, x.dtype) if coefs[i][2] > 0 else None
+        if step.compiled:
+            x = step(_ddim_step, x, t, torch.zeros_like(x) if noise is None else noise, diffusion, model,
+                     coefs_t[i], clip_x0)
+        else:
+            x = step(_ddim_step, x, t, noise, diffusion, model, coefs[i], clip_x0)
     return x
 
 
@@ -304,15 +451,14 @@ class Sampler:
                 "skip": None if self.kind == SamplerKind.ANCESTRAL else self.skip}
 
     def __call__(self, diffusion: GaussianDiffusion, model: Model, shape, generator=None, device="cpu",
-                 clip_x0: bool = True, progress: bool = False) -> torch.Tensor:
+                 clip_x0: bool = True, progress: bool = False, compile: bool = False) -> torch.Tensor:
+        kw = dict(clip_x0=clip_x0, progress=progress, compile=compile)
         if self.kind == SamplerKind.ANCESTRAL:
-            return sample(diffusion, model, shape, generator, device, clip_x0=clip_x0, progress=progress)[0]
+            return sample(diffusion, model, shape, generator, device, **kw)[0]
         tau = self.tau(diffusion.T)
         if self.kind == SamplerKind.RESPACED:
-            return respaced_sample(diffusion, model, shape, tau, generator, device, clip_x0=clip_x0,
-                                   progress=progress)
-        return ddim_sample(diffusion, model, shape, tau, self.eta, generator, device, clip_x0=clip_x0,
-                           progress=progress)
+            return respaced_sample(diffusion, model, shape, tau, generator, device, **kw)
+        return ddim_sample(diffusion, model, shape, tau, self.eta, generator, device, **kw)
 
 
 ANCESTRAL = Sampler()

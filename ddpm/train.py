@@ -3,7 +3,15 @@
 - Adam (eps from config, 1e-8), learning rate warmed up linearly, gradient-norm
   clipping, EMA of the weights, t ~ Uniform{0..T-1} per example (Algorithm 1). One
   update is ``optimisation_step``, which experiments/benchmark_speed.py times as well.
-- Optional bf16 autocast (train.bf16) and torch.compile (train.compile).
+- Optional bf16 autocast (train.bf16), channels_last memory format for the network and its
+  batches (train.channels_last; checkpoints stay contiguous) and torch.compile (train.compile).
+  On CUDA, cudnn.benchmark is on while ``train`` runs (every batch has the same shape, so the
+  fastest convolution algorithms are picked once); a process setting, not part of the config.
+- No device read per step (on a GPU each one stalls the queue of launched kernels): the loop
+  reads the device, once, only at check points: every train.log_every steps, before each
+  checkpoint and sample grid, and at the last step. In between the non-finite guard lives on
+  the device (``NonFiniteGuard``), and the progress bar shows the loss read at the last one.
+  data.on_device keeps an in-memory training set (CIFAR10) on the GPU, batches gathered there.
 - DDP under torchrun: train.batch_size is the GLOBAL batch, split over the ranks;
   backend nccl on CUDA, gloo on CPU; only rank 0 writes. Timesteps, noise and flips
   for the whole global batch come from one generator that every rank advances
@@ -35,9 +43,13 @@
   uninterrupted run exactly. ``--resume`` reads the data dir from run.json unless
   --data-dir is given.
 - Ctrl-C finishes the current step, saves last.pt and stops (one line says how to
-  continue); a second Ctrl-C stops at once. A non-finite loss stops the run before the
-  update, keeping the last good checkpoint; it may then be resumed with a lower
-  train.lr (the one config change allowed after a divergence; recorded in run.json).
+  continue); a second Ctrl-C stops at once. (Under DDP the ranks agree on it at the next
+  check point.) A non-finite loss or gradient norm is found at the next check point: the run
+  stops there (TrainingDiverged, on every rank) naming the FIRST non-finite step; the updates
+  from that step on were applied in memory but nothing after it is saved (no checkpoint, no
+  sample grid, no stats.jsonl line of a window holding it), so last.pt is the last good state.
+  The run may then be resumed with a lower train.lr (the one config change allowed after a
+  divergence; recorded in run.json).
 """
 
 from __future__ import annotations
@@ -66,13 +78,13 @@ from .generate import save_grid, to_uint8
 from .provenance import git_commit
 from .rundir import (FINAL, LAST, RUN, Resume, RunDirError, append_stats, check_run_dir, grid_path,
                      recorded_data_dir, start_run)
-from .runtime import Dist, derive_seed, device_description, pick_device, setup_distributed
+from .runtime import Dist, cudnn_benchmark, derive_seed, device_description, pick_device, setup_distributed
 from .sampling import sample
 from .unet import num_params
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient norm; the last good checkpoint is kept."""
+    """A non-finite loss or gradient norm; nothing after it was saved: last.pt is the last good state."""
 
 
 # The exit code of `python -m ddpm train` after TrainingDiverged. experiments.run records only
@@ -82,12 +94,11 @@ class TrainingDiverged(RuntimeError):
 EXIT_DIVERGED = 3
 
 
-class NonFiniteLoss(ArithmeticError):
-    """optimisation_step found a non-finite loss or gradient norm and applied no update."""
-
-    def __init__(self, loss: float, grad_norm: float):
-        super().__init__(f"loss={loss}, grad norm={grad_norm}")
-        self.loss, self.grad_norm = loss, grad_norm
+class NonFinite(NamedTuple):
+    """The first step whose global loss or gradient norm was not finite, as the guard recorded it."""
+    step: int
+    loss: float
+    grad_norm: float
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -116,11 +127,14 @@ class _CtrlC:
 
     def __init__(self):
         self.requested, self.armed, self._old = False, False, None
+        self.notice: Optional[str] = None  # said at the first Ctrl-C, if set
 
     def _handle(self, signum, frame):
         if self.requested or not self.armed:
             raise KeyboardInterrupt
         self.requested = True
+        if self.notice:  # where the stop may take a while (several processes: the next check point)
+            print(self.notice, file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -199,12 +213,40 @@ class TrainState:
                    dataset_size: int) -> Dict[str, Any]:
         """The checkpoint of this state; ``ranks``: every rank's RNG states (and loss window)."""
         tc = cfg.train
-        return {"config": cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"config": cfg.to_dict(), "step": self.step, "model": contiguous(self.model.state_dict()),
+                "ema": contiguous(self.ema.state_dict()), "optimizer": contiguous(self.opt.state_dict()),
                 "rng": {"world_size": len(ranks), "device": device_type, "ranks": ranks},
                 "data": {"seed": tc.seed, "global_batch": tc.batch_size, "dataset_size": dataset_size,
                          "next_position": self.step * tc.batch_size,
                          "epoch": self.step * tc.batch_size // dataset_size}}
+
+
+def contiguous(obj: Any) -> Any:
+    """``obj`` (a state dict, nested) with every tensor in the ordinary memory format, so that
+    a train.channels_last run's checkpoint is like any other. Tensors already contiguous are
+    returned as they are (no copy): other runs' checkpoints are unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous()
+    if isinstance(obj, (dict, list)):
+        keys = obj.keys() if isinstance(obj, dict) else range(len(obj))
+        new = {k: contiguous(obj[k]) for k in keys}
+        if all(new[k] is obj[k] for k in keys):
+            return obj
+        obj = copy.copy(obj)  # the same type and attributes (a state dict's _metadata); never the live state
+        for k, v in new.items():
+            obj[k] = v
+    return obj
+
+
+def to_channels_last(state: TrainState) -> None:
+    """train.channels_last: the network, its EMA and Adam's moments in channels_last format, in
+    place (the parameters stay the same objects, so the optimizer keeps them)."""
+    state.model.to(memory_format=torch.channels_last)
+    state.ema.to(memory_format=torch.channels_last)
+    for per_param in state.opt.state.values():  # moments loaded from a (contiguous) checkpoint
+        for k, v in per_param.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 4:
+                per_param[k] = v.contiguous(memory_format=torch.channels_last)
 
 
 class LossWindow:
@@ -222,24 +264,27 @@ class LossWindow:
         self.quarter_edges = torch.tensor([T // 4, T // 2, 3 * T // 4], device=device)
         self.seconds, self.images = 0.0, 0
 
-    def add(self, losses: torch.Tensor, grad_norm: torch.Tensor, t: torch.Tensor, seconds: float,
-            images: int) -> None:
+    def add(self, losses: torch.Tensor, grad_norm: torch.Tensor, t: torch.Tensor, images: int) -> None:
+        """One step's numbers (on the device; no read). Its time is added at check points (``seconds``):
+        only a read of the device tells when the GPU has done the work launched."""
         q = torch.bucketize(t, self.quarter_edges, right=True)  # t in [T//4, T//2) -> quarter 1, ...
         self.loss.add_(losses.mean().double())
         self.grad_norm.add_(grad_norm.double())
         self.count.add_(1)
         self.quarter_loss.index_add_(0, q, losses.double())
         self.quarter_count.index_add_(0, q, torch.ones_like(losses, dtype=torch.float64))
-        self.seconds += seconds
         self.images += images
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
-    def line(self, d: Dist, step: int, lr: float, epoch: float) -> Dict[str, Any]:
-        """The stats.jsonl record of the window, summed over every rank; then an empty window."""
-        loss, grad_norm, k, *q = d.sum_(self.sums).tolist()
+    def line(self, d: Dist, step: int, lr: float, epoch: float, sums: Optional[List[float]] = None
+             ) -> Dict[str, Any]:
+        """The stats.jsonl record of the window, summed over every rank; then an empty window.
+        ``sums``: self.sums summed over the ranks and already read (by the loop's check point,
+        together with what else it reads: one device read)."""
+        loss, grad_norm, k, *q = d.sum_(self.sums).tolist() if sums is None else sums
         rec = {"step": step, "loss": loss / k, "grad_norm": grad_norm / k, "lr": lr,
                "loss_by_t_quarter": [s / c if c else None for s, c in zip(q[:4], q[4:])],
                "images_per_s": self.images_per_s, "epoch": epoch, "time": time.time()}
@@ -248,13 +293,40 @@ class LossWindow:
         return rec
 
 
+class NonFiniteGuard:
+    """The first non-finite step, recorded on the device; the loop reads it at check points only.
+
+    Each step adds its global mean loss and gradient norm, both the same on every rank (the loss
+    is summed over the ranks, the norm is that of the averaged gradients), so every rank finds
+    the same first bad step and raises at the same check point. Reading them every step instead
+    would stall a GPU's queue of launched kernels every step. One float64 tensor (exact for step
+    numbers): [steps done, the last step's loss, the first non-finite step (0: none), its loss,
+    its grad norm]."""
+
+    def __init__(self, step: int, device: torch.device):
+        self.rec = torch.tensor([step, math.nan, 0, math.nan, math.nan], dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor) -> None:
+        r = self.rec
+        r[0].add_(1)
+        r[1].copy_(loss)
+        first = ~finite & (r[2] == 0)
+        r[2:].copy_(torch.where(first, torch.stack([r[0], r[1], grad_norm.double()]), r[2:]))
+
+    @staticmethod
+    def first(rec: List[float]) -> Optional[NonFinite]:
+        """The first non-finite step in ``rec`` (the record, read), or None."""
+        return NonFinite(int(rec[2]), rec[3], rec[4]) if rec[2] else None
+
+
 # ------------------------------------------------------------------------------ one update
 
 
 class StepOutput(NamedTuple):
     losses: torch.Tensor  # per-example loss of this rank's batch (detached)
     grad_norm: torch.Tensor  # the gradient norm before clipping
-    loss: float  # the mean loss over the global batch
+    loss: torch.Tensor  # the mean loss over the global batch (on the device: no read)
+    finite: torch.Tensor  # whether loss and grad_norm are finite (bool, on the device; the same on every rank)
     lr: float  # the learning rate the update used
 
 
@@ -272,8 +344,10 @@ def optimisation_step(state: TrainState, net: Callable, diffusion: GaussianDiffu
     """One update of Algorithm 1 on a drawn batch: the loss under bf16 autocast if
     train.bf16, its gradient clipped to norm train.grad_clip, Adam at the warmed-up learning
     rate, then the EMA. ``net`` runs the forward: state.model or a wrapper of it (DDP,
-    torch.compile, another library's call convention). A non-finite loss or gradient norm
-    on any rank raises NonFiniteLoss on every rank before the optimizer or EMA change.
+    torch.compile, another library's call convention). The update is applied whatever the loss:
+    nothing here reads the device (a read would stall a GPU every step); ``finite`` says, on the
+    device and alike on every rank, whether the global loss and the gradient norm were finite,
+    and the training loop's NonFiniteGuard acts on it.
 
     Gradient accumulation (train.microbatch): the batch's x0, t and noise were drawn whole,
     then each slice's loss sum / B is backpropagated into the same .grad, so the gradient is
@@ -302,18 +376,17 @@ def optimisation_step(state: TrainState, net: Callable, diffusion: GaussianDiffu
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(),
                                                tc.grad_clip if tc.grad_clip > 0 else math.inf)
     # The global mean loss; summing it over the ranks also makes a non-finite loss on any
-    # rank stop every rank. One .tolist(): one device sync per step.
+    # rank seen by every rank (the gradient norm is alike on every rank already). No read.
     global_loss = d.sum_(loss.clone()) / d.world_size
-    loss_val, norm_val = torch.stack([global_loss, grad_norm.detach().float()]).tolist()
-    if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-        raise NonFiniteLoss(loss_val, norm_val)
+    grad_norm = grad_norm.detach()
+    finite = torch.isfinite(global_loss) & torch.isfinite(grad_norm)
     lr = warmup_lr(tc.lr, tc.warmup, state.step)
     for group in state.opt.param_groups:
         group["lr"] = lr
     state.opt.step()
     ema_update(state.ema, state.model, tc.ema_decay)
     state.step += 1
-    return StepOutput(losses, grad_norm.detach(), loss_val, lr)
+    return StepOutput(losses, grad_norm, global_loss, finite, lr)
 
 
 # ------------------------------------------------------------------------------ training
@@ -334,12 +407,22 @@ def train(cfg: Config, out_dir, *, resume: bool = False, data_dir=None, download
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     d = setup_distributed(dev)
+    together = False  # every rank ended alike: finished, interrupted or diverged at the same check point
     try:
         check_batch_split(tc=cfg.train, world_size=d.world_size)
-        with _CtrlC() as ctrl_c:
-            return _train(cfg, out, d, dev, resume, data_dir, download, progress, command, ctrl_c)
+        # Every batch has the same shape: cuDNN times its convolution algorithms once and keeps
+        # the fastest (on CUDA; a process setting, put back afterwards; not in the config).
+        with cudnn_benchmark(dev), _CtrlC() as ctrl_c:
+            res = _train(cfg, out, d, dev, resume, data_dir, download, progress, command, ctrl_c)
+        together = True
+        return res
+    except TrainingDiverged:
+        together = True
+        raise
     finally:
-        d.close()
+        # Rank 0 may still be writing the last checkpoint when the others are done: they wait for it
+        # (a rank leaving the process group early has been seen to abort in gloo's teardown).
+        d.close(wait=together)
 
 
 def check_batch_split(tc: TrainConfig, world_size: int) -> None:
@@ -381,6 +464,8 @@ class _Run:
         noise = torch.randn((tc.batch_size, C, R, R), device=self.dev, generator=gen)[lo:hi]
         if self.cfg.data.hflip:
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        if tc.channels_last:  # the same values, another layout
+            x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
         return x0, t, noise
 
     def save(self, state: TrainState, window: LossWindow, names: List[str]) -> None:
@@ -401,19 +486,22 @@ class _Run:
         x, _ = sample(self.diffusion, state.ema, (n, C, R, R), generator=g, device=self.dev)
         save_grid(to_uint8(x), grid_path(self.out, state.step), nrow=4)
 
-    def diverged(self, e: NonFiniteLoss, step: int) -> TrainingDiverged:
-        """The error for a non-finite loss at ``step``, recorded in stats.jsonl."""
+    def diverged(self, bad: NonFinite, step: int) -> TrainingDiverged:
+        """The error for the first non-finite step, ``bad``, found at the check point of ``step``;
+        recorded in stats.jsonl at ``bad.step`` (where a resume reads it: ddpm.rundir)."""
         out = self.out
         last = (f"{out / LAST} (step {read_checkpoint(out / LAST)['step']})"
                 if (out / LAST).exists() else "none: no checkpoint was written yet")
         if self.d.main:
-            append_stats(out, {"step": step, "event": "nonfinite", "loss": str(e.loss),
-                               "grad_norm": str(e.grad_norm)})
+            append_stats(out, {"step": bad.step, "event": "nonfinite", "loss": str(bad.loss),
+                               "grad_norm": str(bad.grad_norm)})
+        applied = (f"the update of step {bad.step} was" if bad.step == step
+                   else f"the updates of steps {bad.step}..{step} were")
         return TrainingDiverged(
-            f"non-finite loss at step {step}: loss={e.loss}, grad norm={e.grad_norm}; training stopped "
-            f"without applying this update. Last good checkpoint: {last}. Continue with a lower learning "
-            f"rate (allowed after a non-finite loss, recorded in {RUN}): python -m ddpm train --out {out} "
-            f"--resume --set train.lr={self.cfg.train.lr / 4:g}; or check the data.")
+            f"non-finite loss at step {bad.step}: loss={bad.loss}, grad norm={bad.grad_norm}; found at the check "
+            f"of step {step}: {applied} applied in memory but never saved. Last good checkpoint: {last}. "
+            f"Continue with a lower learning rate (allowed after a non-finite loss, recorded in {RUN}): "
+            f"python -m ddpm train --out {out} --resume --set train.lr={self.cfg.train.lr / 4:g}; or check the data.")
 
 
 def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command, ctrl_c):
@@ -421,8 +509,9 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
     log = print if d.main else (lambda *a, **k: None)
     prior = check_run_dir(out, cfg, resume)  # before anything is built: a bad --out fails fast
     if prior.config_changes:
-        log(f"resuming after the non-finite loss at step {prior.diverged_at} with "
-            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(prior.config_changes.items())))
+        changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(prior.config_changes.items()))
+        log((f"resuming after the non-finite loss at step {prior.diverged_at} with " if prior.after_divergence
+             else "resuming with ") + changes)
     if prior.checkpoint is not None and prior.checkpoint["step"] >= tc.steps:
         log(f"the run in {out} is already finished: step {prior.checkpoint['step']} of train.steps={tc.steps}; "
             f"nothing to do (to train longer: --resume --set train.steps=MORE)")
@@ -435,6 +524,8 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
     if prior.checkpoint is not None:
         _resume(run, state, window, prior.checkpoint)
     run.n_params = num_params(state.model)
+    if tc.channels_last:
+        to_channels_last(state)  # before DDP, whose gradient buckets follow the parameters' layout
     net = state.model
     if d.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -444,7 +535,7 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
 
     run.dataset, data_dir = _open_data(run, data_dir, resume, download, progress)
     batches = batch_stream(run.dataset, tc.seed, state.step, tc.batch_size, d.rank, d.world_size,
-                           cfg.data.num_workers)
+                           cfg.data.num_workers, device=dev if cfg.data.on_device else None)
     if d.main:  # the run's description, before training starts
         start_run(out, cfg, _run_record(run, data_dir, command, state.step, prior), resume, state.step)
         log(f"training {cfg.data.dataset} ({len(run.dataset):,} images), {run.n_params:,} params, "
@@ -469,42 +560,90 @@ def _train(cfg, out, d: Dist, dev, resume, data_dir, download, progress, command
 
 
 def _loop(run: _Run, state: TrainState, net, batches, window: LossWindow, ctrl_c: _CtrlC, bar) -> Dict[str, Any]:
-    """Train from state.step to train.steps; log, sample and save on schedule."""
-    tc, out = run.cfg.train, run.out
+    """Train from state.step to train.steps; log, sample and save on schedule. The device is read
+    at check points only (``_check_point``): the steps that log, sample or save, and a Ctrl-C."""
+    tc, out, d = run.cfg.train, run.out, run.d
+    guard = NonFiniteGuard(state.step, run.dev)
+    shown = None  # the loss the progress bar shows: the one read at the last check point
     state.model.train()
     ctrl_c.armed = True  # from here on, Ctrl-C means: finish this step, save, stop
+    if d.world_size > 1 and d.main:
+        ctrl_c.notice = (f"\nCtrl-C: the processes stop together at the next check point (within "
+                         f"train.log_every={tc.log_every} steps), with a checkpoint; Ctrl-C again stops at "
+                         "once, unsaved")
+    # images/s: the steps' time from one check point's read of the device to the next (the GPU
+    # has then done the work), leaving out the stats line, grids and checkpoints in between
+    clock, speed = time.perf_counter(), None
     while state.step < tc.steps:
-        t0 = time.perf_counter()
         x0, t, noise = run.batch(next(batches), state.gen)
-        try:
-            upd = optimisation_step(state, net, run.diffusion, x0, t, noise, tc, run.d)
-        except NonFiniteLoss as e:  # nothing was updated: the last checkpoint is the last good state
-            raise run.diverged(e, state.step + 1) from None
+        upd = optimisation_step(state, net, run.diffusion, x0, t, noise, tc, d)
+        guard.add(upd.loss, upd.grad_norm, upd.finite)
         step = state.step
-        window.add(upd.losses, upd.grad_norm, t, time.perf_counter() - t0, tc.batch_size)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{upd.loss:.4f}", img_s=f"{window.images_per_s:.1f}", refresh=False)
+        window.add(upd.losses, upd.grad_norm, t, tc.batch_size)
 
         # On schedule, and at the last step whatever the schedule (the run's final record).
-        if step % tc.log_every == 0 or step == tc.steps:
-            rec = window.line(run.d, step, upd.lr, epoch=step * tc.batch_size / len(run.dataset))
-            if run.d.main:
+        last = step == tc.steps
+        log, grid = last or step % tc.log_every == 0, last or step % tc.sample_every == 0
+        save = last or step % tc.ckpt_every == 0
+        # Ctrl-C: one process reads its own flag every step (no device read); under DDP the
+        # ranks agree on it at the next check point (an all_reduce there, with the rest).
+        stop = d.world_size == 1 and ctrl_c.requested
+        checked = log or grid or save or stop
+        if checked:
+            read = _check_point(run, guard, window, ctrl_c, log)
+            window.seconds += time.perf_counter() - clock
+            assert read.step == step, (read.step, step)
+            if read.bad is not None:  # nothing from that step on is logged, sampled or saved
+                raise run.diverged(read.bad, step)
+            shown, stop, speed = read.loss, read.stop, window.images_per_s
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss="-" if shown is None else f"{shown:.4f}",
+                            img_s="-" if speed is None else f"{speed:.1f}", refresh=False)
+        if log:
+            rec = window.line(d, step, upd.lr, epoch=step * tc.batch_size / len(run.dataset), sums=read.sums)
+            if d.main:
                 append_stats(out, rec)
-        if step % tc.sample_every == 0 or step == tc.steps:
+        if grid:
             run.sample_grid(state)
-        if step == tc.steps:
+        if last:
             run.save(state, window, [LAST, FINAL])
-        elif step % tc.ckpt_every == 0:
+        elif save:
             run.save(state, window, [LAST])
         # Ctrl-C: stop after a whole step, with a checkpoint of it (every rank agrees on when).
-        if run.d.any(ctrl_c.requested, run.dev) and step < tc.steps:
-            if step % tc.ckpt_every:  # else last.pt of this very step was just written
+        if stop and not last:
+            if not save:  # else last.pt of this very step was just written
                 run.save(state, window, [LAST])
             return {"step": step, "out": str(out), "finished": False, "interrupted": True,
                     "num_params": run.n_params}
+        if checked:
+            clock = time.perf_counter()
     ctrl_c.armed = False
     return {"step": state.step, "out": str(out), "finished": True, "num_params": run.n_params}
+
+
+class _Read(NamedTuple):
+    """What a check point read from the device."""
+    step: int  # the steps the guard counted (= state.step)
+    loss: float  # the global loss of the last step
+    bad: Optional[NonFinite]  # the first non-finite step since the start, or None
+    sums: Optional[List[float]]  # the loss window summed over the ranks (when a line is due)
+    stop: bool  # Ctrl-C, on any rank
+
+
+def _check_point(run: _Run, guard: NonFiniteGuard, window: LossWindow, ctrl_c: _CtrlC, log: bool) -> _Read:
+    """Everything the loop needs from the device at a check point, in one read (one host sync):
+    the guard's record, the loss window summed over the ranks when a stats line is due and,
+    under DDP, whether any rank saw Ctrl-C (summed in the window's all_reduce)."""
+    d = run.d
+    shared = [window.sums] if log else []
+    if d.world_size > 1:
+        shared.append(torch.full((1,), float(ctrl_c.requested), dtype=torch.float64, device=run.dev))
+    summed = d.sum_(torch.cat(shared)) if shared else guard.rec[:0]
+    values = torch.cat([guard.rec, summed]).tolist()
+    rec, rest = values[:guard.rec.numel()], values[guard.rec.numel():]
+    stop = rest[-1] > 0 if d.world_size > 1 else ctrl_c.requested
+    return _Read(int(rec[0]), rec[1], NonFiniteGuard.first(rec), rest[:window.sums.numel()] if log else None, stop)
 
 
 def _resume(run: _Run, state: TrainState, window: LossWindow, ckpt: Dict[str, Any]) -> None:
@@ -557,9 +696,16 @@ def _run_record(run: _Run, data_dir, command: Optional[str], step: int, prior: R
         "device_name": device_description(dev),
         "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
         "dataset": getattr(run.dataset, "name", run.cfg.data.dataset), "dataset_size": len(run.dataset),
-        "data_dir": str(resolve_data_dir(data_dir)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # the dir the data was read from (the first of the search that held it), so that --resume finds it
+        "data_dir": str(getattr(run.dataset, "data_root", None) or resolve_data_dir(data_dir)),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # on CUDA cuDNN picks the fastest convolution algorithms per process: a resumed run matches an
+        # uninterrupted one up to float rounding there, not bit for bit
+        "cudnn_benchmark": dev.type == "cuda",
         "command": command or " ".join(sys.argv), "resumed_from_step": step or None,
     }
     if prior.config_changes:
-        record.update(config_changes=prior.config_changes, reason=f"non-finite loss at step {prior.diverged_at}")
+        record["config_changes"] = prior.config_changes
+    if prior.after_divergence:
+        record["reason"] = f"non-finite loss at step {prior.diverged_at}"
     return record

@@ -6,7 +6,8 @@ channels_last, torch.compile and their combinations):
     itself (q_sample + forward + L_simple, backward, grad-norm clip, the non-finite check,
     Adam at the paper's lr 2e-4, EMA update), on a fixed batch (no data loading);
   - 1000-step ancestral sampling throughput (images/s): ours through ddpm.sampling.sample
-    (Algorithm 2), diffusers' through its DDPMScheduler loop as DDPMPipeline runs it.
+    (Algorithm 2; at a +compile variant its compiled step: network and update in one graph,
+    CUDA graphs on CUDA), diffusers' through its DDPMScheduler loop as DDPMPipeline runs it.
     Only --steps steps are timed and the time is extrapolated to 1000 (every step runs
     the same network on the same shapes); the output says so;
   - achieved FLOP/s of the training step (FLOPs counted by
@@ -215,6 +216,14 @@ def check_same_function(nets, cfg, device):
     return vs_diffusers, vs_cpu
 
 
+def autocast_fp32(fn, device, bf16: bool):
+    """``fn(x, t)`` under bf16 autocast if ``bf16``, returning float32."""
+    def net(x, t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return fn(x, t).float()
+    return net
+
+
 class Runner:
     """One implementation under one variant: a training step and a sampling chunk."""
 
@@ -232,7 +241,6 @@ class Runner:
         self.shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         # The paper's recipe (Adam, clipping, EMA decay 0.9999) at its full lr: no warm-up.
         self.tc = replace(cfg.train, bf16=variant.bf16, warmup=0)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16)
         g = torch.Generator(device=device).manual_seed(0)
         self.state = TrainState(model, copy.deepcopy(model).eval().requires_grad_(False),
                                 make_optimizer(model, self.tc, device), gen=g)
@@ -241,11 +249,10 @@ class Runner:
         self.noise = torch.randn(self.x0.shape, generator=g, device=device).contiguous(memory_format=fmt)
         self.x_T = torch.randn((sample_batch, *self.shape), generator=g, device=device).contiguous(memory_format=fmt)
         self.gen = g
-
-    def forward_fp32(self, x, t):
-        """The network under this variant's autocast, returning float32 for the sampler math."""
-        with self.autocast:
-            return self.fn(x, t).float()
+        # the network under this variant's autocast, returning float32 for the sampler math; ours
+        # samples with the eager one (sample(compile=True) compiles the whole step itself)
+        self.forward_fp32 = autocast_fp32(self.fn, device, variant.bf16)
+        self.sampling_net = autocast_fp32(self.eager_fn, device, variant.bf16)
 
     def train_step(self, fn=None):
         """One update as the trainer takes it (its own function), on the fixed batch."""
@@ -260,9 +267,9 @@ class Runner:
     def sample_chunk(self):
         """``steps`` steps of ancestral sampling at sample_batch."""
         self.model.eval()
-        if self.name == "ours":
-            sample(self.diffusion, self.forward_fp32, self.x_T.shape, generator=self.gen, device=self.device,
-                   x_start=self.x_T, t_start=self.steps - 1)
+        if self.name == "ours":  # +compile: the library's compiled sampling step (network and update in one graph)
+            sample(self.diffusion, self.sampling_net, self.x_T.shape, generator=self.gen, device=self.device,
+                   x_start=self.x_T, t_start=self.steps - 1, compile=self.variant.compile)
         else:
             from diffusers import DDPMScheduler
 
@@ -311,6 +318,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.add_argument("--no-sampling", action="store_true", help="training throughput only")
     p.add_argument("--no-diffusers", action="store_true", help="measure our UNet only")
+    p.add_argument("--sweep", default=None, metavar="B1,B2,...",
+                   help="also our sampling images/s at each of these batches in turn, up to the first that "
+                        "does not fit (e.g. 1024,2048,4096,8192,16384), for each of --sweep-variants")
+    p.add_argument("--sweep-variants", default="bf16", help="variants of the sweep (default bf16)")
+    p.add_argument("--sweep-steps", type=int, default=3, help="sampling steps timed at each batch of the sweep")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     variants = [Variant.parse(v.strip()) for v in args.variants.split(",") if v.strip()]
@@ -374,6 +386,13 @@ def main(argv=None):
     for variant in args.variants:
         rows += measure_variant(variant, nets, cfg, device, args, flops, mem)
 
+    sweep = []
+    if args.sweep:
+        print(f"sampling batch sweep ({args.sweep_steps} of the 1000 steps timed at each batch, extrapolated):")
+        sweep = sample_batch_sweep(nets["ours"][0], cfg, device,
+                                   [Variant.parse(v.strip()) for v in args.sweep_variants.split(",") if v.strip()],
+                                   [int(b) for b in args.sweep.split(",")], args.sweep_steps)
+
     # The peak again after the runs, keeping the better: on a shared machine one
     # measurement may fall in a busy moment (and a model would then seem above peak).
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -394,7 +413,7 @@ def main(argv=None):
             "sample_steps_timed": args.steps, "repeats": args.repeats, "matmul_peak_flop_s": peaks,
             "max_abs_diff_vs_diffusers": diff, "max_abs_diff_device_vs_cpu": diff_cpu,
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-            "rows": rows}, indent=2))
+            "rows": rows, "sample_batch_sweep": sweep}, indent=2))
         print(f"wrote {args.out}")
 
 
@@ -452,6 +471,41 @@ def measure_variant(variant, nets, cfg, device, args, flops, mem):
               + (f", sample {r['sample_img_s']:.4g} img/s (1000 steps)" if "sample_img_s" in r else "")
               + f"; first call {r['first_call_s']:.1f} s", flush=True)
     return [res[name] for name in runners]
+
+
+def sample_batch_sweep(model, cfg, device, variants, batches, steps):
+    """Our sampler's images/s (1000 steps, extrapolated from ``steps``) at each batch of
+    ``batches`` in turn, per variant, up to the first that does not fit in memory (CUDA: an
+    out-of-memory error; the largest that fit is the one to sample at)."""
+    diffusion = build_diffusion(cfg)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    model.eval()
+    rows = []
+    for variant in variants:
+        fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+        model.to(memory_format=fmt)
+        net = autocast_fp32(model, device, variant.bf16)
+        for b in batches:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = None
+            try:
+                x = torch.randn((b, *shape), generator=g, device=device).contiguous(memory_format=fmt)
+                run = lambda: sample(diffusion, net, x.shape, generator=g, device=device, x_start=x,  # noqa: E731
+                                     t_start=steps - 1, compile=variant.compile)
+                run()  # warm-up (and compilation, kernel selection)
+                per_step = statistics.median(timed(run, device) for _ in range(3)) / steps
+            except torch.OutOfMemoryError:
+                rows.append({"variant": variant.name, "batch": b, "sample_img_s": None, "fits": False})
+                print(f"  sweep {variant.name:10s} batch {b:6d}: out of memory", flush=True)
+                del x
+                gc.collect()
+                torch.cuda.empty_cache()
+                break
+            rows.append({"variant": variant.name, "batch": b, "sample_img_s": b / (per_step * 1000), "fits": True})
+            print(f"  sweep {variant.name:10s} batch {b:6d}: {rows[-1]['sample_img_s']:.4g} img/s (1000 steps)",
+                  flush=True)
+        model.to(memory_format=torch.contiguous_format)
+    return rows
 
 
 def _fmt(v, spec):

@@ -106,8 +106,10 @@ def test_each_dataset_comes_from_the_first_data_dir_that_holds_it(nowhere):
     try:
         assert (D.load_dataset(cfg, second).images == 10).all()
         assert (D.load_dataset(cfg).images == 20).all()  # then $DDPM_DATA_DIR
-        assert (D.load_dataset(DataConfig(dataset="folder", path="faces", resolution=8),
-                               nowhere / "empty").images == 20).all()  # a dir without it is passed over
+        ds = D.load_dataset(cfg, nowhere / "empty")
+        assert (ds.images == 20).all()  # a dir without it is passed over
+        assert ds.data_root == first  # the dir it was read from (a run records it), not the first searched
+        assert D.load_dataset(cfg, second).data_root == second
     finally:
         del os.environ[D.ENV_DATA_DIR]
 

@@ -98,7 +98,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         max_batch=args.max_batch, reference=args.reference, reference_n=args.reference_n,
         reference_split=args.reference_split,
         inception_weights=args.inception_weights, figures=args.figures, sampler=args.sampler, steps=args.steps,
-        eta=args.eta, skip=args.skip, bf16=args.bf16)
+        eta=args.eta, skip=args.skip, bf16=args.bf16, compile=args.compile)
 
 
 def run(args: argparse.Namespace) -> int:

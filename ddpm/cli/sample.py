@@ -3,6 +3,7 @@
     python -m ddpm sample --checkpoint RUN/final.pt --n 64 --out DIR [--var beta|beta_tilde]
                           [--ema/--no-ema] [--seed S] [--batch-size B] [--device D]
                           [--sampler ancestral|respaced|ddim --steps K --eta E --skip uniform|quadratic]
+                          [--bf16] [--compile]
 
 writes DIR/images/000000.png ... (exactly N files), DIR/grid.png (the first 64) and
 DIR/sample.json (checkpoint, step, EMA, variance, seed, sampler): ddpm.generate's
@@ -10,7 +11,8 @@ DIR/sample.json (checkpoint, step, EMA, variance, seed, sampler): ddpm.generate'
 DIR/images only. The checkpoint may also be a run directory (its final.pt) or a diffusers
 folder (ddpm.loading). Sampling itself is ddpm.generate.generate: batch k is drawn from a
 generator seeded by (seed, k), so the images do not depend on anything else run before.
-For 50k-sample FID runs use ``eval`` (resumable shards) instead of PNGs.
+For 50k-sample FID runs use ``eval`` (resumable shards) instead of PNGs. ``--compile`` runs each
+sampling step through torch.compile (ddpm.sampling.CompiledStep); sample.json records it.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def add_subcommand(subparsers) -> None:
         description="Draw N samples (default: ancestral sampling, DDPM Algorithm 2; or respaced DDPM / DDIM "
                     "on fewer steps) into OUT/images/*.png, "
                     "OUT/grid.png (the first 64) and OUT/sample.json (how they were drawn). The images "
-                    "depend only on the checkpoint, --seed, --batch-size, --var, --ema and the sampler. OUT/images "
-                    "must be empty or absent: nothing is overwritten.")
+                    "depend only on the checkpoint, --seed, --batch-size, --var, --ema and the sampler (--bf16 and "
+                    "--compile change their rounding). OUT/images must be empty or absent: nothing is "
+                    "overwritten.")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file (RUN/final.pt, RUN/last.pt), a run directory (its final.pt), "
                         "or a diffusers folder (the released weights)")
@@ -82,13 +85,14 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         images = generate(model, diffusion, args.n, shape, batch_size=args.batch_size, seed=args.seed,
                           device=dev, var_type=args.var, progress=not args.no_progress, sampler=sampler,
-                          bf16=args.bf16)
+                          bf16=args.bf16, compile=args.compile)
     assert images.shape == (args.n, shape[1], shape[2], shape[0]), images.shape
     write_sample_folder(images, out, {
         "checkpoint": portable_path(Path(checkpoint).absolute()), "step": int(state["step"]),
         "ema": bool(args.ema), "var_type": args.var or cfg.diffusion.var_type, "n": args.n,
         "seed": args.seed, "batch_size": args.batch_size, "steps": sampler.to_dict(diffusion.T)["steps"],
         "sampler": sampler.describe(diffusion.T), "sampler_spec": sampler.to_dict(diffusion.T),
-        "pixel_map": PIXEL_MAP, "network_precision": PRECISIONS[args.bf16], "device": str(dev)})
+        "pixel_map": PIXEL_MAP, "network_precision": PRECISIONS[args.bf16], "compiled": bool(args.compile),
+        "device": str(dev)})
     print(f"wrote {args.n} PNGs to {out / PNG_IMAGES} and {out / PNG_GRID}")
     return 0
