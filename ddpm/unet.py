@@ -78,11 +78,14 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(-1, -2) for m in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj_out(h)
+        # The 1x1 convolutions as matmuls over the H*W positions (the same weights, [C, C, 1, 1]
+        # viewed as [C, C]): q, k and v come out contiguous in [B, HW, C], the layout the fused
+        # attention kernels take (transposed views sent the CPU to the unfused path: measured).
+        h = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = (F.linear(h, m.weight.view(C, C), m.bias).unsqueeze(1) for m in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v
+        h = F.linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):

@@ -90,3 +90,32 @@ def test_a_learned_log_variance_survives_the_forward_pass_under_bf16_autocast():
     # what a bf16 head would have made of it: outside the interval (the test has power)
     rounded = targets.to(torch.bfloat16).float()
     assert any(not lo[t] < float(r) < hi[t] for t, r in zip(ts, rounded)), rounded
+
+
+def test_attention_is_the_reference_formula_and_feeds_the_fused_kernel_contiguous_inputs(monkeypatch):
+    """AttnBlock = x + proj(softmax(q k^T / sqrt(C)) v) with q, k, v the 1x1 convolutions; and what
+    it hands scaled_dot_product_attention is contiguous (transposed views send it to the unfused
+    path: slower on the CPU, and no flash kernel on a GPU)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ddpm.unet import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(32)
+    for p in block.parameters():  # proj_out starts at zero: perturb everything
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 32, 4, 4)
+    h = block.norm(x)
+    q, k, v = (F.conv2d(h, m.weight, m.bias).flatten(2) for m in (block.q, block.k, block.v))  # [B, C, HW]
+    w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(32), dim=-1)  # [B, HW, HW]
+    ref = x + F.conv2d((v @ w.transpose(1, 2)).reshape(x.shape), block.proj_out.weight, block.proj_out.bias)
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: seen.append([t.is_contiguous() for t in a]) or real(*a, **k))
+    with torch.no_grad():
+        out = block(x)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert seen == [[True, True, True]]
