@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default="results")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--inception-weights", default=None)
+    p.add_argument("--again", action="store_true",
+                   help="measure again a family that fid_floor.json holds at this profile's N (default: keep it)")
     args = p.parse_args(argv)
     path = Path(args.results_dir) / args.profile / "fid_floor.json"
     if args.families:
@@ -90,16 +92,27 @@ def main(argv=None) -> int:
     from ddpm.config import get_preset
     from ddpm.inception import FidelityError
 
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    size = EVAL_SIZE[args.profile]
     try:
-        out, by_data = {}, {}  # families on the same data (the CPU profiles' cifar10 grid is MNIST) share one
+        # families on the same data (the CPU profiles' cifar10 grid is MNIST) share one measurement
+        out, by_data = dict(earlier), {}
         for f in families:
-            data = json.dumps(get_preset(*run_config_args(RUNS[FAMILIES[f]], args.profile)).to_dict()["data"])
+            cfg = get_preset(*run_config_args(RUNS[FAMILIES[f]], args.profile))
+            prev = earlier.get(f) or {}
+            if (not args.again and prev.get("n") == size["n"] and prev.get("n_reference") == size["ref_n"]
+                    and prev.get("dataset") == cfg.data.dataset + (f"-{cfg.data.subset}" if cfg.data.subset else "")):
+                print(f"skip  fid floor of {f}: measured earlier ({path}; --again to measure it again)")
+                continue
+            data = json.dumps(cfg.to_dict()["data"])
             if data not in by_data:
                 by_data[data] = floor(args.profile, f, args.data_dir, args.inception_weights)
             out[f] = {**by_data[data], "family": f}
     except (FidelityError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if out == earlier:
+        return 0
     path.parent.mkdir(parents=True, exist_ok=True)
     from ddpm.provenance import atomic_write_text, portable
 

@@ -620,3 +620,32 @@ def test_claims_at_the_paper_scale_without_kid_standard_errors_are_undecided_not
             "value": 0.001, "std": 1e-4, "unbiased": None, "se": None, "n": 50_000}}})
     cs = {c["id"]: c for c in C.claims(tmp_path, "paper")}
     assert cs["C1"]["verdict"] == "undecided"
+
+
+def test_the_fid_floor_is_measured_once_per_family_and_again_only_when_asked(tmp_path, monkeypatch):
+    """run_all.sh calls experiments.fid_floor after every run: a floor fid_floor.json holds at the
+    profile's N is kept (the file untouched), a missing one measured, --again measures it anew."""
+    from experiments import fid_floor as F
+    from experiments.registry import EVAL_SIZE
+
+    quick = tmp_path / "quick"
+    (quick / "eps_simple").mkdir(parents=True)
+    (quick / "eps_simple" / "train.json").write_text(json.dumps({"family": "cifar10"}))
+    size = EVAL_SIZE["quick"]
+    kept = {"cifar10": {"family": "cifar10", "dataset": "mnist", "n": size["n"], "n_reference": size["ref_n"],
+                        "fid": 19.1, "kid": 4e-5}}
+    path = quick / "fid_floor.json"
+    path.write_text(json.dumps(kept))
+    before = path.stat().st_mtime_ns
+    measured = []
+    monkeypatch.setattr(F, "floor", lambda profile, family, *a: measured.append(family) or
+                        {**kept["cifar10"], "fid": 20.0, "family": family})
+    assert F.main(["--profile", "quick", "--results-dir", str(tmp_path)]) == 0
+    assert measured == [] and path.stat().st_mtime_ns == before
+    (quick / "mnist_seed").mkdir()
+    (quick / "mnist_seed" / "train.json").write_text(json.dumps({"family": "mnist"}))
+    assert F.main(["--profile", "quick", "--results-dir", str(tmp_path)]) == 0
+    assert measured == ["mnist"]  # the new family only; cifar10's floor kept
+    assert json.loads(path.read_text())["cifar10"]["fid"] == 19.1
+    assert F.main(["--profile", "quick", "--results-dir", str(tmp_path), "--again"]) == 0
+    assert json.loads(path.read_text())["cifar10"]["fid"] == 20.0
