@@ -108,7 +108,10 @@ def data_dirs(data_dir=None) -> List[Path]:
 
 
 def _announce(what: str, where: Path) -> None:
-    print(f"data: {what} from {where}", file=sys.stderr, flush=True)
+    """Says where a split was read from; under torchrun only the first process says it (every
+    process reads the same files)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"data: {what} from {where}", file=sys.stderr, flush=True)
 
 
 def find_in_data_dirs(relative: str, data_dir=None) -> Optional[Path]:

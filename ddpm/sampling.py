@@ -40,7 +40,9 @@ smaller batch (the last of a set) is padded to the largest batch the step has ru
 x and the noise, the same t) and cut back, rather than compiled again; the rows are
 independent (GroupNorm and attention are per image), so padding changes nothing but
 rounding. Not compiled: ``interpolate``, ``ddim_encode`` and the bound (ddpm.bound). The
-speed is measured by experiments/benchmark_speed.py, not by the tests.
+speed is measured by experiments/benchmark_speed.py, not by the tests. (Not yet run on a GPU:
+CUDA graphs keep their memory pool for the life of the process, so under ``ddpm eval
+--compile`` the bound that follows the samples has that much less GPU memory.)
 """
 
 from __future__ import annotations

@@ -254,3 +254,12 @@ def test_the_dataloader_path_leaves_the_global_torch_rng_alone(tmp_path):
     torch.manual_seed(0)
     next(D.batch_stream(ds, seed=1, start_step=0, global_batch=2, num_workers=0))
     assert torch.equal(torch.rand(3), expected)  # dropout after a resume sees the same stream
+
+
+def test_under_torchrun_only_the_first_process_says_where_the_data_came_from(nowhere, monkeypatch, capsys):
+    _png(nowhere / "data" / "faces" / "a.png", np.full((8, 8, 3), 10, np.uint8))
+    cfg = DataConfig(dataset="folder", path="faces", resolution=8)
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        D.load_dataset(cfg)
+        assert ("data: image folder faces from" in capsys.readouterr().err) == says, rank
