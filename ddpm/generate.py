@@ -135,15 +135,7 @@ def check_samples(out_dir, manifest: Dict[str, Any]) -> bool:
     """provenance.check_manifest for a sample folder: True if ``out_dir`` holds (part of) the set
     ``manifest`` describes, False if it holds none; SamplesError if another set. A manifest
     written before ``compiled`` was recorded matches as compiled false (module docstring)."""
-    mpath = Path(out_dir) / MANIFEST
-    if mpath.is_file() and not manifest["compiled"]:
-        try:
-            old = json.loads(mpath.read_text())
-        except ValueError:
-            old = None  # check_manifest says so
-        if isinstance(old, dict) and "compiled" not in old:
-            manifest = {k: v for k, v in manifest.items() if k != "compiled"}
-    return check_manifest(out_dir, manifest, "samples", SamplesError)
+    return check_manifest(out_dir, manifest, "samples", SamplesError, defaults={"compiled": False})
 
 
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, image_shape: Sequence[int], *,

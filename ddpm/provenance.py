@@ -33,7 +33,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Type
+from typing import Any, Dict, Optional, Type
 
 
 # ------------------------------------------------------------------------ atomic files
@@ -72,10 +72,12 @@ def atomic_write_text(path, text: str) -> None:
 MANIFEST = "manifest.json"
 
 
-def check_manifest(folder, manifest: Dict[str, Any], what: str, error: Type[Exception]) -> bool:
+def check_manifest(folder, manifest: Dict[str, Any], what: str, error: Type[Exception],
+                   defaults: Optional[Dict[str, Any]] = None) -> bool:
     """True if ``folder`` holds (part of) the ``what`` that ``manifest`` describes (its
     manifest.json is ``manifest``), False if it holds no manifest.json; ``error``, in one line
-    saying what differs, if it holds ``what`` of another request. Writes nothing."""
+    saying what differs, if it holds ``what`` of another request. ``defaults``: the values of
+    fields a manifest written before they were recorded lacks. Writes nothing."""
     mpath = Path(folder) / MANIFEST
     if not mpath.exists():
         return False
@@ -83,7 +85,7 @@ def check_manifest(folder, manifest: Dict[str, Any], what: str, error: Type[Exce
         old = json.loads(mpath.read_text())
     except ValueError:
         raise error(f"{mpath} is not readable JSON; delete {folder} to make the {what} again") from None
-    if old == manifest:
+    if old == manifest or (isinstance(old, dict) and {**(defaults or {}), **old} == manifest):
         return True
     diff = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(manifest.get(k))} now"
                      for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k))

@@ -151,12 +151,6 @@ class Dist:
             dist.all_reduce(x)
         return x
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` is set on any rank (the same answer on every rank)."""
-        if self.world_size == 1:
-            return flag
-        return self.sum_(torch.tensor([float(flag)], device=device)).item() > 0
-
     def gather(self, obj) -> List[Any]:
         """Every rank's ``obj``, in rank order."""
         if self.world_size == 1:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_evaluate import tiny_checkpoint  # noqa: E402,F401 (fixture)
 from test_train import one_thread  # noqa: E402,F401 (autouse fixture)
 
 from ddpm import generate as G  # noqa: E402
@@ -44,23 +45,11 @@ KINDS = {"ancestral": S.Sampler(), "respaced": S.Sampler("respaced", steps=7),
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(checkpoint path, EMA model, diffusion): the tiny preset at T = 21, weights perturbed (the
-    UNet's last layer starts at zero); the same architecture and T as the CLI runs below load."""
-    from ddpm.checkpoint import save_checkpoint
-    from ddpm.config import build_model, get_preset
-
-    cfg = get_preset("tiny", ["diffusion.T=21"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, {"config": cfg.to_dict(), "step": 3, "model": model.state_dict(),
-                           "ema": model.state_dict()})
-    _, model, diffusion, _ = load_model(path, ema=True)
-    return path, model.eval(), diffusion
+def tiny(tiny_checkpoint):
+    """(checkpoint path, EMA model, diffusion): test_evaluate's tiny checkpoint (the tiny preset at
+    T = 21, weights perturbed); the same architecture and T as the CLI runs below load."""
+    _, model, diffusion, _ = load_model(tiny_checkpoint, ema=True)
+    return tiny_checkpoint, model.eval(), diffusion
 
 
 def draw(tiny, sampler, compile, seed=3):
